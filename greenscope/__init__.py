@@ -1,0 +1,22 @@
+"""greenscope: SQLAlchemy sessions scoped to greenlets, cleaned up when greenlets end.
+
+The public API is exactly ``__all__``; every other module whose name starts with ``_`` is
+private and may change without notice.
+"""
+
+from greenscope._cleanup import wait_idle as wait_reaped
+from greenscope._registry import GreenletRegistry, RegistryStats, close_all, registries, stats
+from greenscope._scoping import scoped_session, session_scope
+
+__all__ = [
+    "GreenletRegistry",
+    "RegistryStats",
+    "close_all",
+    "registries",
+    "scoped_session",
+    "session_scope",
+    "stats",
+    "wait_reaped",
+]
+
+__version__ = "0.1.0.dev0"

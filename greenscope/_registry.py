@@ -1,0 +1,384 @@
+"""Per-greenlet storage for SQLAlchemy's registry protocol, with orphan cleanup.
+
+The data structure, for one greenlet ``g`` with values in two registries R1 and R2::
+
+    g.__dict__ ──"greenscope:R1"──> value1        (the hit path reads only this)
+               ──"greenscope:R2"──> value2
+               ──"greenscope:watch"──> _Watch ──ref──┄┄> g   (weak; callback _owner_freed)
+                                          └─values─> {R1: value1, R2: value2}   (strong)
+    _LIVE: {id(watch.ref): watch}   only while watch.values is not empty
+    R1._owners: {watch, ...}        the watches holding a value of R1 (live count)
+
+Invariants:
+
+* No strong reference to a greenlet is ever held: values live in the greenlet's own
+  ``__dict__``, watches point back with a weakref only. So a lookup can only return what
+  the *current* greenlet stored: a new greenlet that reuses a dead one's ``id()`` starts
+  with an empty ``__dict__``. Contexts (``contextvars``) play no part, so a greenlet or
+  thread running in a copied context never sees another's value.
+* ``watch.values`` mirrors the ``greenscope:R*`` keys while the greenlet lives. It is what
+  cleanup closes after the greenlet's dict is gone; ``_LIVE`` keeps the watch (and thus
+  its weakref and callback) alive for exactly as long as there is something to close.
+* A greenlet ends in one of two ways we hear of: a ``gevent.Greenlet`` notifies its
+  ``rawlink`` callbacks at completion (even if the object is still referenced); any
+  greenlet's weakref callback runs when it is freed. The first one detaches the values;
+  the second finds nothing left. Both run where I/O is forbidden, so closing is handed
+  to :mod:`greenscope._cleanup`.
+
+Thread/greenlet safety: a greenlet only mutates its own dict and watch, except when it
+has died (then only the one callback that detaches it does). Shared structures are
+mutated with single dict/set operations, atomic under the GIL. Counters are exact on
+GIL builds, approximate on free-threaded ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import count
+from typing import Any, Generic, TypeVar
+
+from greenlet import getcurrent
+from greenlet import greenlet as RawGreenlet
+from sqlalchemy.util import ScopedRegistry
+
+from greenscope import _cleanup
+
+__all__ = ["GreenletRegistry", "RegistryStats", "close_all", "registries", "stats"]
+
+_T = TypeVar("_T")
+
+logger = logging.getLogger("greenscope")
+
+_WATCH_KEY = "greenscope:watch"
+_keys = count(1)
+
+try:
+    from gevent import Greenlet as _GeventGreenlet
+except ImportError:  # pragma: no cover - exercised by a subprocess test
+    _GeventGreenlet = None
+
+# Every GreenletRegistry of the process, weakly: for stats() and close_all().
+_REGISTRIES: weakref.WeakSet[GreenletRegistry[Any]] = weakref.WeakSet()
+# Watches holding at least one value, by id() of their weakref (alive while listed).
+_LIVE: dict[int, _Watch] = {}
+
+
+@dataclass(frozen=True)
+class RegistryStats:
+    """A snapshot of a registry's counters (or of every registry's, summed).
+
+    ``created == removed + reaped + live`` holds whenever no greenlet is in the middle of
+    an operation: ``created`` counts values made by the registry or stored with ``set()``,
+    ``removed`` those taken away by ``clear()`` (``scoped_session.remove()``), replaced by
+    ``set()`` or closed by :func:`close_all`, ``reaped`` those closed because their greenlet
+    ended first, and ``live`` those held now. ``failed`` counts closes that raised (a
+    subset of ``reaped`` and ``removed``); the error was logged.
+    """
+
+    created: int = 0
+    removed: int = 0
+    reaped: int = 0
+    failed: int = 0
+    live: int = 0
+
+    def __add__(self, other: RegistryStats) -> RegistryStats:
+        return RegistryStats(
+            self.created + other.created,
+            self.removed + other.removed,
+            self.reaped + other.reaped,
+            self.failed + other.failed,
+            self.live + other.live,
+        )
+
+
+def _describe(g: RawGreenlet) -> str:
+    """A cheap, stable name for log lines; computed once per greenlet."""
+    if g.parent is None:
+        return f"the main greenlet of thread {_cleanup.get_ident():#x}"
+    name = getattr(g, "name", None)  # gevent.Greenlet: "Greenlet-3"
+    label = f"{type(g).__qualname__} {name!r}" if name else type(g).__qualname__
+    return f"{label} at {id(g):#x}"
+
+
+class _Watch:
+    """What greenscope holds for one greenlet, shared by every registry (see above)."""
+
+    __slots__ = ("__weakref__", "hub", "owner", "ref", "thread", "values")
+
+    def __init__(self, g: RawGreenlet) -> None:
+        self.ref = weakref.ref(g, _owner_freed)
+        self.values: dict[GreenletRegistry[Any], Any] = {}
+        self.owner = _describe(g)
+        # Where cleanup must run: the owner's thread, in its hub's greenlets if it has one
+        # by then (submit() looks again, since a hub may be created after this).
+        self.thread = _cleanup.get_ident()
+        self.hub = _cleanup.hub_if_exists()
+        _cleanup.prepare()
+        if _GeventGreenlet is not None and isinstance(g, _GeventGreenlet):
+            # Completion, not deallocation: a kept spawn() handle or a Pool must not keep
+            # a finished greenlet's Session (and its pool connection) open.
+            g.rawlink(self._completed)
+
+    def _completed(self, g: Any) -> None:
+        # In the hub: no I/O, no logging, must not raise.
+        if g.exception is not None:
+            how = "raised"
+        elif isinstance(g.value, BaseException):  # killed: successful() with GreenletExit
+            how = "killed"
+        else:
+            how = "finished"
+        self.owner = f"{self.owner} ({how})"
+        d = g.__dict__
+        for registry in self.values:
+            d.pop(registry._key, None)
+        self.detach()
+
+    def detach(self) -> None:
+        """Hand every value to cleanup. Only for a dead owner; any context; idempotent."""
+        if _LIVE.pop(id(self.ref), None) is None:
+            return
+        values, self.values = self.values, {}
+        for registry, value in values.items():
+            registry._owners.discard(self)
+            _cleanup.submit(_Reap(registry, value, self.owner, True), self.thread, self.hub)
+
+
+def _owner_freed(ref: weakref.ref[RawGreenlet]) -> None:
+    # Wherever the greenlet was freed: the hub, a GC pass, another thread.
+    watch = _LIVE.get(id(ref))
+    if watch is not None and watch.ref is ref:
+        watch.detach()
+
+
+class _Reap:
+    """A cleanup job: close one value, log, count. Runs where blocking is allowed."""
+
+    __slots__ = ("orphan", "owner", "registry", "value")
+
+    def __init__(self, registry: GreenletRegistry[Any], value: Any, owner: str, orphan: bool):
+        self.registry = registry
+        self.value = value
+        self.owner = owner
+        self.orphan = orphan
+
+    def __call__(self) -> None:
+        registry, value = self.registry, self.value
+        if self.orphan:
+            logger.warning(
+                "greenscope: closing %s left open by %s, which ended without remove(); "
+                "its transaction is rolled back. Call remove() when each unit of work "
+                "ends, or wrap it in greenscope.session_scope().",
+                type(value).__name__,
+                self.owner,
+            )
+        try:
+            registry._close(value)
+        except BaseException as exc:
+            registry._failed += 1
+            logger.error(
+                "greenscope: closing %s of %s failed; the value was dropped",
+                type(value).__name__,
+                self.owner,
+                exc_info=exc,
+            )
+            if not isinstance(exc, Exception):  # GreenletExit, KeyboardInterrupt: propagate
+                raise
+        finally:
+            self.value = None
+            if self.orphan:
+                registry._reaped += 1
+            else:
+                registry._removed += 1
+
+
+def _close_value(value: Any) -> None:
+    close = getattr(value, "close", None)
+    if close is not None:
+        close()
+
+
+class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
+    """SQLAlchemy's registry protocol keyed on the current greenlet.
+
+    ``registry()`` returns the current greenlet's value, creating it with ``createfunc``
+    on first use; ``has()``, ``set(obj)`` and ``clear()`` act on the current greenlet
+    only. Every native thread has its own greenlets (its main greenlet at least), so
+    threads are covered too, monkey-patched or not, whenever the registry was built.
+
+    When a greenlet ends still holding a value, the value is *closed* (``close()`` is
+    called if it has one; a ``Session`` rolls back and returns its connection): at
+    completion for a ``gevent.Greenlet``, when it is freed for any other greenlet. The
+    close runs in a greenlet of the owner's hub, or in a reaper thread without gevent,
+    never in a hub or GC callback. Its failure is logged and counted, never raised.
+
+    Not guaranteed: a raw greenlet that has finished but is still referenced keeps its
+    value until it is freed; a greenlet that never ends (the hub, a thread pool's worker
+    greenlet, a keep-alive connection's greenlet) keeps its value until ``clear()``:
+    bracket such units of work with :func:`greenscope.session_scope`.
+
+    ``clear()`` discards without closing, as in SQLAlchemy; ``set(obj)`` replaces without
+    closing the previous value. ``scoped_session.remove()`` closes, then clears.
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_close",
+        "_created",
+        "_failed",
+        "_key",
+        "_owners",
+        "_reaped",
+        "_removed",
+    )
+
+    def __init__(
+        self,
+        createfunc: Callable[[], _T],
+        *,
+        close: Callable[[_T], object] = _close_value,
+    ) -> None:
+        if not callable(createfunc):
+            raise TypeError(
+                f"GreenletRegistry(createfunc) needs a callable that makes a value, "
+                f"such as a sessionmaker; got {createfunc!r}"
+            )
+        self.createfunc = createfunc
+        self.scopefunc = getcurrent
+        self._close = close
+        self._key = f"greenscope:{next(_keys)}"
+        self._owners: set[_Watch] = set()
+        self._created = self._removed = self._reaped = self._failed = 0
+        _REGISTRIES.add(self)
+
+    # -- the hit path: keep it to one dict lookup ------------------------------------
+
+    def __call__(self) -> _T:
+        try:
+            return getcurrent().__dict__[self._key]  # type: ignore[no-any-return]
+        except KeyError:
+            return self._create()
+
+    def has(self) -> bool:
+        """True if the current greenlet holds a value."""
+        return self._key in getcurrent().__dict__
+
+    # -- the slow paths -----------------------------------------------------------------
+
+    def _create(self) -> _T:
+        value = self.createfunc()  # first: if it raises, nothing is registered
+        d = getcurrent().__dict__
+        if self._key in d:  # createfunc itself used the registry
+            return d[self._key]  # type: ignore[no-any-return]
+        self._store(value)
+        return value
+
+    def set(self, obj: _T) -> None:
+        """Store ``obj`` for the current greenlet, replacing (not closing) any value."""
+        if self._key in getcurrent().__dict__:
+            self._removed += 1
+        self._store(obj)
+
+    def _store(self, value: _T) -> None:
+        g = getcurrent()
+        d = g.__dict__
+        watch: _Watch | None = d.get(_WATCH_KEY)
+        if watch is None:  # first value of this greenlet, in any registry
+            watch = d[_WATCH_KEY] = _Watch(g)
+        d[self._key] = value
+        watch.values[self] = value
+        _LIVE[id(watch.ref)] = watch
+        self._owners.add(watch)
+        self._created += 1
+
+    def clear(self) -> None:
+        """Forget the current greenlet's value, if any, without closing it."""
+        d = getcurrent().__dict__
+        if d.pop(self._key, _MISSING) is _MISSING:
+            return
+        self._removed += 1
+        watch: _Watch | None = d.get(_WATCH_KEY)
+        if watch is not None:
+            watch.values.pop(self, None)
+            self._owners.discard(watch)
+            if not watch.values:
+                _LIVE.pop(id(watch.ref), None)
+
+    # -- observability ------------------------------------------------------------------
+
+    def stats(self) -> RegistryStats:
+        """This registry's counters; see :class:`RegistryStats`."""
+        return RegistryStats(
+            self._created, self._removed, self._reaped, self._failed, len(self._owners)
+        )
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"<GreenletRegistry {self._key} of {self.createfunc!r}: live={s.live} "
+            f"created={s.created} removed={s.removed} reaped={s.reaped} failed={s.failed}>"
+        )
+
+
+_MISSING: Any = object()
+
+
+def registries() -> list[GreenletRegistry[Any]]:
+    """Every live :class:`GreenletRegistry` of the process."""
+    return list(_REGISTRIES)
+
+
+def stats() -> RegistryStats:
+    """The counters of every registry of the process, summed."""
+    total = RegistryStats()
+    for registry in registries():
+        total += registry.stats()
+    return total
+
+
+def close_all() -> int:
+    """Close every value held by any registry of the process; return how many.
+
+    For worker or process exit. Values of the calling thread are closed here, one by one
+    (errors logged and counted, never raised); values owned by other threads are handed
+    to their owner's cleanup path. Owners that are still running lose their value: call
+    this only once they are done or no longer matter. Must be called from a greenlet,
+    not from inside the gevent hub.
+
+    .. versionadded:: 0.1
+    """
+    if _cleanup.in_hub():
+        raise RuntimeError(
+            "greenscope.close_all() does I/O and cannot run inside the gevent hub; "
+            "call it from a greenlet, e.g. gevent.spawn(greenscope.close_all).join()"
+        )
+    me = _cleanup.get_ident()
+    jobs: list[_Reap] = []
+    total = 0
+    for watch in list(_LIVE.values()):
+        if _LIVE.pop(id(watch.ref), None) is None:
+            continue
+        g = watch.ref()
+        d = g.__dict__ if g is not None else {}
+        values, watch.values = watch.values, {}
+        for registry, value in values.items():
+            d.pop(registry._key, None)
+            registry._owners.discard(watch)
+            job = _Reap(registry, value, watch.owner, False)
+            total += 1
+            if watch.thread == me:
+                jobs.append(job)
+            else:
+                _cleanup.submit(job, watch.thread, watch.hub)
+    for i, job in enumerate(jobs):
+        try:
+            job()  # logs and counts its own failure; only re-raises GreenletExit and the like
+        except BaseException:
+            for rest in jobs[i + 1 :]:  # killed while closing: the reaper closes the rest
+                _cleanup.submit(rest, me, _cleanup.hub_if_exists())
+            raise
+    return total

@@ -1,0 +1,139 @@
+"""The drop-in ``scoped_session`` and the explicit ``session_scope``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from greenlet import getcurrent
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import scoped_session as _sa_scoped_session
+
+from greenscope._registry import GreenletRegistry
+
+__all__ = ["scoped_session", "session_scope"]
+
+_S = TypeVar("_S", bound=Session)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class scoped_session(_sa_scoped_session[_S]):
+    """:class:`sqlalchemy.orm.scoped_session` with one ``Session`` per greenlet.
+
+    Without ``scopefunc`` the registry is a :class:`~greenscope.GreenletRegistry`: every
+    greenlet (and every thread) gets its own ``Session``, whether or not gevent had
+    patched ``threading`` when this object was built, and a ``Session`` whose greenlet
+    ends without :meth:`remove` is closed (rolled back) for it. With ``scopefunc`` it is
+    SQLAlchemy's ``ScopedRegistry``, exactly as in SQLAlchemy.
+
+    Everything else is SQLAlchemy's: the proxied ``Session`` methods and attributes,
+    ``query_property()``, ``configure()``, ``__call__(**kw)`` and their errors and
+    warnings. One difference: :meth:`remove` forgets the ``Session`` even when its
+    ``close()`` raises, so a kill during ``close()`` cannot hand the same ``Session``
+    out again.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[_S],
+        scopefunc: Callable[[], Any] | None = None,
+    ) -> None:
+        if scopefunc:
+            super().__init__(session_factory, scopefunc)
+            return
+        self.session_factory = session_factory
+        self.registry = GreenletRegistry(session_factory)
+
+    def remove(self) -> None:
+        """Close the current greenlet's ``Session``, if any, then forget it.
+
+        The transaction is rolled back and the connection returned to the pool. The
+        ``Session`` is forgotten even if ``close()`` raises (the error propagates), so
+        the next call makes a fresh one. SQLAlchemy's own ``remove()`` has no
+        ``try/finally`` and would hand out the half-closed ``Session`` again.
+        """
+        try:
+            if self.registry.has():
+                self.registry().close()
+        finally:
+            self.registry.clear()
+
+
+class session_scope(Generic[_S]):
+    """Bracket one unit of work: a context manager and a decorator.
+
+    For work whose greenlet does not end with it: a gevent thread pool task (its worker
+    greenlet lives for ever), a loop in a long-lived background greenlet, a job runner.
+    On entry it provides the current ``Session`` of ``session``; on exit it removes it
+    (rollback, connection back to the pool). With ``commit=True`` it commits first when
+    the block succeeds; a failing commit still removes, and its error propagates.
+
+    Scopes nest: an inner scope entered while the greenlet already has a ``Session``
+    (an outer scope, or a request handled by the gunicorn worker) leaves it alone and
+    neither commits nor removes; the owner of the ``Session`` does.
+
+    Usage::
+
+        with session_scope(Session, commit=True) as session:
+            session.add(obj)
+
+        @session_scope(Session)
+        def task() -> None: ...
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = ("_commit", "_owned", "_session")
+
+    def __init__(self, session: _sa_scoped_session[_S], *, commit: bool = False) -> None:
+        if not isinstance(session, _sa_scoped_session):
+            raise TypeError(
+                "session_scope() takes a scoped_session (the object you call to get the "
+                f"current Session), not {type(session).__name__}"
+            )
+        self._session = session
+        self._commit = commit
+        # Per greenlet (by id: unique while it is inside the block), a stack: one object
+        # may be entered by many greenlets at once, and again within one greenlet.
+        self._owned: dict[int, list[bool]] = {}
+
+    def __enter__(self) -> _S:
+        owned = not self._session.registry.has()
+        session = self._session()
+        self._owned.setdefault(id(getcurrent()), []).append(owned)
+        return session
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        key = id(getcurrent())
+        stack = self._owned[key]
+        owned = stack.pop()
+        if not stack:
+            del self._owned[key]
+        if not owned:
+            return
+        try:
+            if self._commit and exc_type is None:
+                self._session().commit()
+        finally:
+            self._session.remove()
+
+    def __call__(self, func: Callable[_P, _R]) -> Callable[_P, _R]:
+        session, commit = self._session, self._commit
+
+        @functools.wraps(func)
+        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            # A fresh scope per call: calls may run at once in many greenlets.
+            with session_scope(session, commit=commit):
+                return func(*args, **kwargs)
+
+        return wrapper
