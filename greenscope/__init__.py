@@ -4,8 +4,14 @@ The public API is exactly ``__all__``; every other module whose name starts with
 private and may change without notice.
 """
 
-from greenscope._cleanup import wait_idle as wait_reaped
-from greenscope._registry import GreenletRegistry, RegistryStats, close_all, registries, stats
+from greenscope._registry import (
+    GreenletRegistry,
+    RegistryStats,
+    close_all,
+    registries,
+    stats,
+    wait_reaped,
+)
 from greenscope._scoping import scoped_session, session_scope
 
 __all__ = [

@@ -240,12 +240,12 @@ def submit(job: Job, owner_thread: int, owner_hub: Any | None) -> None:
     _thread_reaper.submit(job)
 
 
-def wait_idle(timeout: float | None = None) -> bool:
-    """Wait until every submitted job has finished; False on timeout.
+def wait_idle(timeout: float | None = None, busy: Callable[[], bool] = lambda: False) -> bool:
+    """Wait until every submitted job has finished and ``busy()`` is false; False on timeout.
 
     Cooperative in a thread with a gevent hub (it yields to the hub, which runs the
-    reaper), a plain wait elsewhere. Polls every millisecond: meant for tests and
-    shutdown, not for hot paths.
+    reaper and the completion callbacks), a plain wait elsewhere. Polls every
+    millisecond: meant for tests and shutdown, not for hot paths.
     """
     if in_hub():
         raise RuntimeError(
@@ -254,11 +254,14 @@ def wait_idle(timeout: float | None = None) -> bool:
         )
     deadline = None if timeout is None else time.monotonic() + timeout
     hub = hub_if_exists()
-    while _pending.count > 0:
+    while True:
+        if hub is not None and _gevent_sleep is not None:
+            _gevent_sleep(0)  # let the hub run callbacks already queued (completions)
+        if _pending.count <= 0 and not busy():
+            return True
         if deadline is not None and time.monotonic() >= deadline:
             return False
         if hub is not None and _gevent_sleep is not None:
             _gevent_sleep(0.001)
         else:
             time.sleep(0.001)
-    return True

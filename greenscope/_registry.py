@@ -46,7 +46,14 @@ from sqlalchemy.util import ScopedRegistry
 
 from greenscope import _cleanup
 
-__all__ = ["GreenletRegistry", "RegistryStats", "close_all", "registries", "stats"]
+__all__ = [
+    "GreenletRegistry",
+    "RegistryStats",
+    "close_all",
+    "registries",
+    "stats",
+    "wait_reaped",
+]
 
 _T = TypeVar("_T")
 
@@ -106,7 +113,7 @@ def _describe(g: RawGreenlet) -> str:
 class _Watch:
     """What greenscope holds for one greenlet, shared by every registry (see above)."""
 
-    __slots__ = ("__weakref__", "hub", "owner", "ref", "thread", "values")
+    __slots__ = ("__weakref__", "hub", "owner", "rawlinked", "ref", "thread", "values")
 
     def __init__(self, g: RawGreenlet) -> None:
         self.ref = weakref.ref(g, _owner_freed)
@@ -117,10 +124,13 @@ class _Watch:
         self.thread = _cleanup.get_ident()
         self.hub = _cleanup.hub_if_exists()
         _cleanup.prepare()
+        self.rawlinked = False
         if _GeventGreenlet is not None and isinstance(g, _GeventGreenlet):
             # Completion, not deallocation: a kept spawn() handle or a Pool must not keep
             # a finished greenlet's Session (and its pool connection) open.
-            g.rawlink(self._completed)
+            gevent_greenlet: Any = g
+            gevent_greenlet.rawlink(self._completed)
+            self.rawlinked = True
 
     def _completed(self, g: Any) -> None:
         # In the hub: no I/O, no logging, must not raise.
@@ -338,6 +348,30 @@ def stats() -> RegistryStats:
     for registry in registries():
         total += registry.stats()
     return total
+
+
+def _completion_pending() -> bool:
+    """True while a finished gevent.Greenlet of this thread still waits for its rawlink."""
+    me = _cleanup.get_ident()
+    for watch in list(_LIVE.values()):
+        if watch.thread == me and watch.rawlinked:
+            g = watch.ref()
+            if g is not None and g.dead:
+                return True
+    return False
+
+
+def wait_reaped(timeout: float | None = None) -> bool:
+    """Wait until every Session orphaned so far has been closed; False on timeout.
+
+    "So far" covers greenlets already freed and ``gevent.Greenlet`` objects that have
+    finished. A raw greenlet that finished but is still referenced is not waited for (it
+    is reaped when freed). Under gevent it yields to the hub; call it from a greenlet,
+    not from the hub. Meant for tests, health checks and shutdown.
+
+    .. versionadded:: 0.1
+    """
+    return _cleanup.wait_idle(timeout, _completion_pending)
 
 
 def close_all() -> int:

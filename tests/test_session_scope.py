@@ -1,0 +1,147 @@
+"""session_scope brackets a unit of work where the greenlet outlives it."""
+
+from __future__ import annotations
+
+import gevent
+import gevent.threadpool
+import pytest
+from conftest import CountingEngine
+from gevent.event import Event
+from sqlalchemy import exc, orm, text
+from sqlalchemy.orm import sessionmaker
+
+import greenscope
+
+Scoped = greenscope.scoped_session[orm.Session]
+
+
+@pytest.fixture
+def Session(sqlite_db: CountingEngine) -> Scoped:
+    return greenscope.scoped_session(sessionmaker(sqlite_db.engine))
+
+
+def add(session: orm.Session, owner: str) -> None:
+    session.execute(text("INSERT INTO items (owner) VALUES (:o)"), {"o": owner})
+
+
+def test_removes_at_exit_without_committing_by_default(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """By default the block's work is rolled back and the connection returned at exit."""
+    with greenscope.session_scope(Session) as session:
+        assert session is Session()
+        add(session, "a")
+    assert not Session.registry.has()
+    assert sqlite_db.checkedout() == 0
+    assert sqlite_db.count_rows() == 0
+
+
+def test_commit_on_success_when_asked(Session: Scoped, sqlite_db: CountingEngine) -> None:
+    """commit=True commits a block that succeeds."""
+    with greenscope.session_scope(Session, commit=True) as session:
+        add(session, "a")
+    assert sqlite_db.count_rows() == 1
+    assert sqlite_db.checkedout() == 0
+
+
+def test_exception_rolls_back_even_with_commit(Session: Scoped, sqlite_db: CountingEngine) -> None:
+    """A block that raises is rolled back and removed; the error propagates."""
+    with (  # noqa: PT012 - the block is the unit of work under test
+        pytest.raises(ValueError, match="bad"),
+        greenscope.session_scope(Session, commit=True) as s,
+    ):
+        add(s, "a")
+        raise ValueError("bad")
+    assert sqlite_db.count_rows() == 0
+    assert not Session.registry.has()
+    assert sqlite_db.checkedout() == 0
+
+
+def test_failing_commit_still_removes(sqlite_db: CountingEngine) -> None:
+    """If the commit itself fails, the Session is still removed and the error propagates."""
+
+    class FailingCommit(orm.Session):
+        def commit(self) -> None:
+            raise exc.OperationalError("COMMIT", {}, RuntimeError("connection lost"))
+
+    Session = greenscope.scoped_session(sessionmaker(sqlite_db.engine, class_=FailingCommit))
+    with (
+        pytest.raises(exc.OperationalError, match="connection lost"),
+        greenscope.session_scope(Session, commit=True) as session,
+    ):
+        add(session, "a")
+    assert not Session.registry.has()
+    assert sqlite_db.checkedout() == 0
+    assert sqlite_db.count_rows() == 0
+
+
+def test_nested_scope_leaves_the_outer_session_alone(Session: Scoped) -> None:
+    """An inner scope joins the existing Session and neither commits nor removes it."""
+    with greenscope.session_scope(Session) as outer:
+        with greenscope.session_scope(Session, commit=True) as inner:
+            assert inner is outer
+        assert Session.registry.has()
+        assert Session() is outer
+    assert not Session.registry.has()
+
+
+def test_decorator_scopes_each_call(Session: Scoped, sqlite_db: CountingEngine) -> None:
+    """As a decorator, every call gets its own scope and keeps the function's metadata."""
+
+    @greenscope.session_scope(Session, commit=True)
+    def task(owner: str) -> None:
+        """Doc."""
+        add(Session(), owner)
+
+    task("a")
+    task("b")
+    assert task.__doc__ == "Doc."
+    assert task.__name__ == "task"
+    assert sqlite_db.count_rows() == 2
+    assert not Session.registry.has()
+    assert Session.registry.stats() == greenscope.RegistryStats(created=2, removed=2)  # type: ignore[attr-defined]
+
+
+def test_one_scope_object_in_many_greenlets(Session: Scoped, sqlite_db: CountingEngine) -> None:
+    """A shared scope object entered by many greenlets at once keeps each one's state apart."""
+    scope = greenscope.session_scope(Session)
+    release = Event()
+    entered: list[orm.Session] = []
+
+    def work() -> None:
+        with scope as session:
+            session.execute(text("SELECT 1"))
+            entered.append(session)
+            release.wait()
+
+    greenlets = [gevent.spawn(work) for _ in range(5)]
+    gevent.sleep(0)
+    assert len({id(s) for s in entered}) == 5
+    release.set()
+    gevent.joinall(greenlets, raise_error=True)
+    assert sqlite_db.checkedout() == 0
+    assert Session.registry.stats().removed == 5  # type: ignore[attr-defined]
+
+
+def test_threadpool_tasks_are_scoped(Session: Scoped, sqlite_db: CountingEngine) -> None:
+    """Tasks of a gevent thread pool, whose worker greenlet never dies, release per task."""
+
+    @greenscope.session_scope(Session, commit=True)
+    def task(owner: str) -> None:
+        add(Session(), owner)
+
+    pool = gevent.threadpool.ThreadPool(2)
+    try:
+        for i in range(6):
+            pool.spawn(task, str(i)).get(timeout=10)
+    finally:
+        pool.kill()
+    assert sqlite_db.count_rows() == 6
+    assert sqlite_db.checkedout() == 0
+    assert Session.registry.stats().live == 0  # type: ignore[attr-defined]
+
+
+def test_refuses_what_is_not_a_scoped_session(sqlite_db: CountingEngine) -> None:
+    """Passing a plain Session or sessionmaker raises an error that says what to pass."""
+    with pytest.raises(TypeError, match="takes a scoped_session"):
+        greenscope.session_scope(sessionmaker(sqlite_db.engine))  # type: ignore[arg-type]
