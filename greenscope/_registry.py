@@ -34,6 +34,7 @@ GIL builds, approximate on free-threaded ones.
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,12 +114,13 @@ def _describe(g: RawGreenlet) -> str:
 class _Watch:
     """What greenscope holds for one greenlet, shared by every registry (see above)."""
 
-    __slots__ = ("__weakref__", "hub", "owner", "rawlinked", "ref", "thread", "values")
+    __slots__ = ("__weakref__", "hub", "main", "owner", "rawlinked", "ref", "thread", "values")
 
     def __init__(self, g: RawGreenlet) -> None:
         self.ref = weakref.ref(g, _owner_freed)
         self.values: dict[GreenletRegistry[Any], Any] = {}
         self.owner = _describe(g)
+        self.main = g.parent is None  # a thread's main greenlet: freed after the thread ends
         # Where cleanup must run: the owner's thread, in its hub's greenlets if it has one
         # by then (submit() looks again, since a hub may be created after this).
         self.thread = _cleanup.get_ident()
@@ -350,11 +352,22 @@ def stats() -> RegistryStats:
     return total
 
 
-def _completion_pending() -> bool:
-    """True while a finished gevent.Greenlet of this thread still waits for its rawlink."""
+def _death_pending() -> bool:
+    """True while an owner is known dead but its callback has not run yet.
+
+    Two cases: a finished gevent.Greenlet of this thread whose rawlink callbacks are
+    still queued in the hub, and the main greenlet of a thread that has ended: greenlet
+    frees it shortly after, from another thread (a pending call), not at ``join()``.
+    """
     me = _cleanup.get_ident()
+    threads: set[int] | None = None
     for watch in list(_LIVE.values()):
-        if watch.thread == me and watch.rawlinked:
+        if watch.main:
+            if threads is None:
+                threads = set(sys._current_frames())
+            if watch.thread not in threads:
+                return True
+        elif watch.thread == me and watch.rawlinked:
             g = watch.ref()
             if g is not None and g.dead:
                 return True
@@ -364,14 +377,15 @@ def _completion_pending() -> bool:
 def wait_reaped(timeout: float | None = None) -> bool:
     """Wait until every Session orphaned so far has been closed; False on timeout.
 
-    "So far" covers greenlets already freed and ``gevent.Greenlet`` objects that have
-    finished. A raw greenlet that finished but is still referenced is not waited for (it
-    is reaped when freed). Under gevent it yields to the hub; call it from a greenlet,
-    not from the hub. Meant for tests, health checks and shutdown.
+    "So far" covers greenlets already freed, ``gevent.Greenlet`` objects that have
+    finished and threads that have ended. A raw greenlet that finished but is still
+    referenced is not waited for (it is reaped when freed). Under gevent it yields to
+    the hub; call it from a greenlet, not from the hub. Meant for tests, health checks
+    and shutdown.
 
     .. versionadded:: 0.1
     """
-    return _cleanup.wait_idle(timeout, _completion_pending)
+    return _cleanup.wait_idle(timeout, _death_pending)
 
 
 def close_all() -> int:
