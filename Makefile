@@ -3,7 +3,11 @@
 # when the machine has it). PostgreSQL tests run when GREENSCOPE_TEST_PG_URL is set.
 
 PYTHON ?= python3
-PYTHON_OLDEST ?= $(shell command -v python3.10 2>/dev/null || echo $(PYTHON))
+# The oldest supported Python: python3.10 if it runs, else pyenv's 3.10, else $(PYTHON).
+PYTHON_OLDEST ?= $(shell \
+	(python3.10 -c '' >/dev/null 2>&1 && echo python3.10) || \
+	(p=$$(pyenv prefix 3.10 2>/dev/null) && test -x "$$p/bin/python3.10" && echo "$$p/bin/python3.10") || \
+	echo $(PYTHON))
 VENV := .venv
 VENV_SA20 := .venv-sa20
 PIP_FLAGS := --quiet --disable-pip-version-check
