@@ -51,7 +51,9 @@ __all__ = [
     "GreenletRegistry",
     "RegistryStats",
     "close_all",
+    "current_sessions",
     "registries",
+    "remove_current",
     "stats",
     "wait_reaped",
 ]
@@ -234,6 +236,11 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
     ``clear()`` discards without closing, as in SQLAlchemy; ``set(obj)`` replaces without
     closing the previous value. ``scoped_session.remove()`` closes, then clears.
 
+    ``request_scoped`` (default True): whether request-end removal
+    (:func:`greenscope.remove_current`, the gunicorn worker and hooks, the WSGI
+    middleware) removes this registry's value. Set it to False for a registry whose
+    value must outlive a request in the same greenlet.
+
     .. versionadded:: 0.1
     """
 
@@ -246,6 +253,7 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         "_owners",
         "_reaped",
         "_removed",
+        "request_scoped",
     )
 
     def __init__(
@@ -265,6 +273,7 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         self._key = f"greenscope:{next(_keys)}"
         self._owners: set[_Watch] = set()
         self._created = self._removed = self._reaped = self._failed = 0
+        self.request_scoped = True
         _REGISTRIES.add(self)
 
     # -- the hit path: keep it to one dict lookup ------------------------------------
@@ -320,6 +329,27 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
             if not watch.values:
                 _LIVE.pop(id(watch.ref), None)
 
+    def forget_all(self) -> int:
+        """Forget every greenlet's value without closing it; return how many.
+
+        For a forked child process (gunicorn's ``post_fork``): the values it inherited
+        hold connections whose sockets it shares with the parent, and closing them there
+        would roll back or terminate the parent's connections. Counted as removed.
+        """
+        forgotten = 0
+        for watch in list(self._owners):
+            self._owners.discard(watch)
+            if watch.values.pop(self, _MISSING) is _MISSING:
+                continue
+            forgotten += 1
+            g = watch.ref()
+            if g is not None:
+                g.__dict__.pop(self._key, None)
+            if not watch.values:
+                _LIVE.pop(id(watch.ref), None)
+        self._removed += forgotten
+        return forgotten
+
     # -- observability ------------------------------------------------------------------
 
     def stats(self) -> RegistryStats:
@@ -350,6 +380,62 @@ def stats() -> RegistryStats:
     for registry in registries():
         total += registry.stats()
     return total
+
+
+def current_sessions() -> list[Any]:
+    """The current greenlet's values in every request-scoped registry, oldest first.
+
+    What request-end removal would close: for a commit-on-success policy, or to inspect.
+
+    .. versionadded:: 0.1
+    """
+    d = getcurrent().__dict__
+    watch: _Watch | None = d.get(_WATCH_KEY)
+    if watch is None:
+        return []
+    return [value for registry, value in watch.values.items() if registry.request_scoped]
+
+
+def remove_current() -> int:
+    """End the current greenlet's unit of work in every request-scoped registry.
+
+    Each value is closed (a ``Session`` rolls back whatever was not committed and
+    returns its connection), then forgotten, as ``scoped_session.remove()`` does; return
+    how many. Only the current greenlet's values are touched, never another in-flight
+    request's. Every registry is cleared even if a close fails: an ``Exception`` is
+    logged and counted as ``failed``; a ``BaseException`` (``GreenletExit`` from a kill)
+    is re-raised once every value is handled. Must run where blocking is allowed (not
+    in the hub): the request's greenlet, as gunicorn's ``post_request`` is.
+
+    .. versionadded:: 0.1
+    """
+    d = getcurrent().__dict__
+    watch: _Watch | None = d.get(_WATCH_KEY)
+    if watch is None or not watch.values:
+        return 0
+    removed = 0
+    fatal: BaseException | None = None
+    for registry in [r for r in watch.values if r.request_scoped]:
+        value = d.get(registry._key, _MISSING)
+        if value is _MISSING:
+            continue
+        try:
+            registry._close(value)
+        except BaseException as exc:
+            registry._failed += 1
+            logger.error(
+                "greenscope: closing %s at the end of a request failed; it was dropped",
+                type(value).__name__,
+                exc_info=exc,
+            )
+            if fatal is None and not isinstance(exc, Exception):
+                fatal = exc
+        finally:
+            registry.clear()
+        removed += 1
+    if fatal is not None:
+        raise fatal
+    return removed
 
 
 def _death_pending() -> bool:

@@ -10,7 +10,6 @@ import gevent
 import gevent.pool
 import gevent.threadpool
 import pytest
-from conftest import CountingEngine
 from gevent.event import Event
 from greenlet import getcurrent
 from greenlet import greenlet as RawGreenlet
@@ -19,6 +18,8 @@ from sqlalchemy.orm import sessionmaker
 
 import greenscope
 from greenscope import _cleanup
+
+from conftest import CountingEngine
 
 
 class RecordingSession(orm.Session):

@@ -7,6 +7,7 @@ gevent worker does; that is where a close in the hub fails with BlockingSwitchOu
 from __future__ import annotations
 
 import pytest
+
 from conftest import run_scenario
 
 pytestmark = pytest.mark.postgres

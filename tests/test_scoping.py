@@ -7,7 +7,6 @@ import inspect
 import gevent
 import pytest
 import sqlalchemy.orm
-from conftest import CountingEngine
 from greenlet import GreenletExit, getcurrent
 from greenlet import greenlet as RawGreenlet
 from sqlalchemy import ForeignKey, String, exc, select, text
@@ -15,6 +14,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 from sqlalchemy.util import ScopedRegistry
 
 import greenscope
+
+from conftest import CountingEngine
 
 
 class Base(DeclarativeBase):

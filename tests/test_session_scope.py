@@ -5,12 +5,13 @@ from __future__ import annotations
 import gevent
 import gevent.threadpool
 import pytest
-from conftest import CountingEngine
 from gevent.event import Event
 from sqlalchemy import exc, orm, text
 from sqlalchemy.orm import sessionmaker
 
 import greenscope
+
+from conftest import CountingEngine
 
 Scoped = greenscope.scoped_session[orm.Session]
 

@@ -1,0 +1,251 @@
+"""The demo service: a plain WSGI app doing what real apps do to a Session.
+
+Run it under gunicorn (see ``deploy/README.md``)::
+
+    gunicorn -c deploy/gunicorn.conf.py --chdir deploy demo_app:app
+
+Environment:
+
+``DATABASE_URL``
+    SQLAlchemy URL; default ``sqlite:///greenscope-demo.db`` (in the working directory).
+``GREENSCOPE_DEMO_MODE``
+    ``greenscope`` (default): ``greenscope.scoped_session``, removal by the worker.
+    ``stock``: SQLAlchemy's ``scoped_session`` and no request-end removal, the setup
+    greenscope replaces, to show what goes wrong.
+``GREENSCOPE_DEMO_TABLE``
+    table name; default ``demo_items``. Create it with :func:`create_schema` first.
+
+Endpoints (``key`` is a unique string the client picks, so it can audit the table):
+
+=========================  ==============================================================
+``POST /write?key=K``      insert and commit; 201 acknowledges a stored write
+``POST /fail?key=K``       insert, flush, then raise: 500, must leave nothing behind
+``POST /forget?key=K``     insert and *forget to commit*: 200, must leave nothing behind
+``GET /stream?n=N``        a streamed body of N chunks, reading between chunks
+``POST /background?key=K`` 202; a background greenlet inserts and commits K
+``GET /slow?key=K``        insert, commit after 0.5 s: a request to have in flight
+``GET /sql``                one SELECT
+``GET /stats``             this worker's counters as JSON
+``GET /health``            200, no database
+=========================  ==============================================================
+
+Every request that uses the database first checks that its Session carries nothing from
+an earlier request (pending or loaded objects, an open transaction); ``/stats`` reports
+how often one did (``saw_foreign``).
+
+SQLite under gevent: sqlite3 blocks the hub while it works, so a transaction that does
+not wait on the network never interleaves with another greenlet's. The endpoints keep it
+that way: a write transaction is flushed and committed (or rolled back) without yielding,
+except ``/forget``, which only flushes on servers with real concurrency (PostgreSQL); on
+SQLite its pending object is enough to expose a leaked Session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from urllib.parse import parse_qs
+
+import gevent
+import sqlalchemy.orm
+from sqlalchemy import Engine, String, create_engine, event, func, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+import greenscope
+
+MODE = os.environ.get("GREENSCOPE_DEMO_MODE", "greenscope")
+DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///greenscope-demo.db")
+TABLE = os.environ.get("GREENSCOPE_DEMO_TABLE", "demo_items")
+
+if MODE not in {"greenscope", "stock"}:
+    raise SystemExit(f"GREENSCOPE_DEMO_MODE must be 'greenscope' or 'stock', not {MODE!r}")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = TABLE
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+
+
+def make_engine(url: str = DATABASE_URL) -> Engine:
+    """The demo's engine: a pool sized for a gevent worker (see deploy/README.md)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, pool_size=20, max_overflow=80, pool_timeout=10)
+
+        @event.listens_for(engine, "connect")
+        def _wal(dbapi_connection: Any, record: Any) -> None:
+            # Readers never block the single writer; a locked write fails fast rather
+            # than blocking the whole hub in sqlite3's busy loop.
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            dbapi_connection.execute("PRAGMA busy_timeout=200")
+
+        return engine
+    return create_engine(
+        url,
+        pool_size=20,
+        max_overflow=80,
+        pool_timeout=10,
+        connect_args={"application_name": os.environ.get("GREENSCOPE_DEMO_APP_NAME", "demo")},
+    )
+
+
+def create_schema(url: str = DATABASE_URL) -> None:
+    """Create the demo table (run once, before the server starts)."""
+    engine = make_engine(url)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+
+
+engine = make_engine()
+if MODE == "greenscope":
+    Session: sqlalchemy.orm.scoped_session[sqlalchemy.orm.Session] = greenscope.scoped_session(
+        sessionmaker(engine)
+    )
+else:
+    Session = sqlalchemy.orm.scoped_session(sessionmaker(engine))
+
+counters = {"requests": 0, "saw_foreign": 0, "background_pending": 0, "background_failed": 0}
+
+StartResponse = Callable[..., Any]
+
+
+def _check_isolation() -> sqlalchemy.orm.Session:
+    """The Session for this request, after noting whether it carries another's state."""
+    session = Session()
+    if session.new or session.dirty or len(session.identity_map) or session.in_transaction():
+        counters["saw_foreign"] += 1
+    return session
+
+
+def _respond(start_response: StartResponse, status: str, body: dict[str, Any]) -> Iterable[bytes]:
+    data = json.dumps(body).encode()
+    start_response(
+        status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    )
+    return [data]
+
+
+def _background_write(key: str) -> None:
+    try:
+        if MODE == "greenscope":
+            with greenscope.session_scope(Session, commit=True) as session:
+                session.add(Item(key=key, kind="background"))
+        else:  # what careful code does without greenscope
+            try:
+                Session.add(Item(key=key, kind="background"))
+                Session.commit()
+            finally:
+                Session.remove()
+    except Exception:
+        counters["background_failed"] += 1
+        raise
+    finally:
+        counters["background_pending"] -= 1
+
+
+def _stream(n: int) -> Iterator[bytes]:
+    for i in range(n):
+        count = Session.scalar(select(func.count()).select_from(Item))
+        yield f"{i} {count}\n".encode()
+        gevent.sleep(0.005)  # pacing, so clients can hang up mid-stream
+
+
+def _stats() -> dict[str, Any]:
+    stats: dict[str, Any] = dict(counters)
+    stats["pid"] = os.getpid()
+    stats["mode"] = MODE
+    stats["checkedout"] = engine.pool.checkedout()  # type: ignore[attr-defined]
+    stats["greenscope"] = greenscope.stats().__dict__
+    return stats
+
+
+Query = dict[str, list[str]]
+
+
+def _write(query: Query, start_response: StartResponse) -> Iterable[bytes]:
+    key = query["key"][0]
+    session = _check_isolation()
+    item = Item(key=key, kind="write")
+    session.add(item)
+    session.commit()
+    return _respond(start_response, "201 Created", {"id": item.id, "key": key})
+
+
+def _fail(query: Query, start_response: StartResponse) -> Iterable[bytes]:
+    key = query["key"][0]
+    session = _check_isolation()
+    session.add(Item(key=key, kind="fail"))
+    session.flush()
+    raise RuntimeError(f"deliberate failure after flushing {key}")
+
+
+def _forget(query: Query, start_response: StartResponse) -> Iterable[bytes]:
+    key = query["key"][0]
+    session = _check_isolation()
+    session.add(Item(key=key, kind="forget"))
+    if engine.dialect.name != "sqlite":
+        session.flush()  # a real open transaction, idle while the client waits
+    return _respond(start_response, "200 OK", {"forgot": key})
+
+
+def _stream_endpoint(query: Query, start_response: StartResponse) -> Iterable[bytes]:
+    _check_isolation()
+    n = int(query.get("n", ["20"])[0])
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return _stream(n)
+
+
+def _background(query: Query, start_response: StartResponse) -> Iterable[bytes]:
+    key = query["key"][0]
+    _check_isolation()
+    counters["background_pending"] += 1
+    gevent.spawn(_background_write, key)
+    return _respond(start_response, "202 Accepted", {"queued": key})
+
+
+def _slow(query: Query, start_response: StartResponse) -> Iterable[bytes]:
+    key = query["key"][0]
+    session = _check_isolation()
+    session.add(Item(key=key, kind="slow"))
+    if engine.dialect.name != "sqlite":
+        session.flush()
+    gevent.sleep(0.5)
+    session.commit()
+    return _respond(start_response, "201 Created", {"key": key})
+
+
+def _sql(query: Query, start_response: StartResponse) -> Iterable[bytes]:
+    _check_isolation().execute(text("SELECT 1"))
+    return _respond(start_response, "200 OK", {"ok": True})
+
+
+ROUTES: dict[str, Callable[[Query, StartResponse], Iterable[bytes]]] = {
+    "/write": _write,
+    "/fail": _fail,
+    "/forget": _forget,
+    "/stream": _stream_endpoint,
+    "/background": _background,
+    "/slow": _slow,
+    "/sql": _sql,
+}
+
+
+def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    """The WSGI entry point."""
+    path = environ.get("PATH_INFO", "/")
+    if path == "/health":
+        return _respond(start_response, "200 OK", {"ok": True})
+    if path == "/stats":
+        return _respond(start_response, "200 OK", _stats())
+    handler = ROUTES.get(path)
+    if handler is None:
+        return _respond(start_response, "404 Not Found", {"error": path})
+    counters["requests"] += 1
+    return handler(parse_qs(environ.get("QUERY_STRING", "")), start_response)

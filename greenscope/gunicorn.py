@@ -1,0 +1,160 @@
+"""gunicorn integration: remove each request's Sessions when the request ends.
+
+Under ``gunicorn -k gevent`` one greenlet serves every keep-alive request of a connection,
+so greenlet death is not request end: without removal, the next request on the
+connection inherits the previous one's identity map and open transaction, and the pool
+connection stays checked out while the client idles.
+
+Two ways in:
+
+* Worker classes, the whole setup in one flag::
+
+      gunicorn -k greenscope.gunicorn.GeventWorker app:app
+      gunicorn -k greenscope.gunicorn.GeventPyWSGIWorker app:app
+
+  They remove the request greenlet's Sessions (from every request-scoped greenscope
+  registry) after each request, once the response iterable is closed: also when the app
+  raises, when the client disconnects mid-stream, and when graceful shutdown kills the
+  request. ``GeventPyWSGIWorker`` covers gevent's pywsgi server, which calls no
+  ``post_request`` hook at all. Both also do what the hooks below do at fork and exit.
+
+* Hooks, for the stock ``-k gevent`` worker, imported into *your* ``gunicorn.conf.py``
+  (gunicorn loads one config file, so greenscope ships none that would replace yours)::
+
+      from greenscope.gunicorn import post_fork, post_request, worker_exit
+
+  To keep a hook of your own, call ours from it::
+
+      from greenscope import gunicorn as greenscope_hooks
+
+      def post_request(worker, req, environ, resp):
+          my_metrics(req, resp)
+          greenscope_hooks.post_request(worker, req, environ, resp)
+
+  ``-k gevent_pywsgi`` calls no ``post_request``: use ``GeventPyWSGIWorker`` or
+  :mod:`greenscope.wsgi` instead.
+
+What is not covered: SIGQUIT (immediate shutdown) and SIGKILL run no ``finally``; the
+database rolls back a dead connection's transaction. Registries with a custom
+``scopefunc`` are SQLAlchemy's and are not touched.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+try:
+    import gevent
+    from gunicorn.workers import ggevent
+except (ImportError, RuntimeError) as exc:  # ggevent raises RuntimeError without gevent
+    raise ImportError(
+        "greenscope.gunicorn needs gunicorn with its gevent extra; "
+        "install it with: pip install 'greenscope[gunicorn]'"
+    ) from exc
+
+from sqlalchemy.engine import Engine
+
+import greenscope
+
+__all__ = ["GeventPyWSGIWorker", "GeventWorker", "post_fork", "post_request", "worker_exit"]
+
+
+def _engines(factory: Any) -> Iterator[Engine]:
+    """The engines a sessionmaker binds to (``bind=`` and ``binds={...}``)."""
+    kw = getattr(factory, "kw", None)
+    if not isinstance(kw, dict):
+        return
+    binds = [kw.get("bind"), *(kw.get("binds") or {}).values()]
+    seen: set[int] = set()
+    for bind in binds:
+        engine = getattr(bind, "engine", None)  # an Engine or a Connection
+        if isinstance(engine, Engine) and id(engine) not in seen:
+            seen.add(id(engine))
+            yield engine
+
+
+def _after_fork() -> None:
+    """In a forked worker: never use or close what the master opened.
+
+    With ``--preload`` the app, its engines and possibly Sessions were created in the
+    master. Their connections' sockets are shared with the master: the child forgets
+    inherited Sessions without closing them and gets fresh pools
+    (``engine.dispose(close=False)``, SQLAlchemy's recipe for forked processes).
+    """
+    for registry in greenscope.registries():
+        registry.forget_all()
+        for engine in _engines(registry.createfunc):
+            engine.dispose(close=False)
+
+
+def _end_request(log: Any) -> None:
+    try:
+        greenscope.remove_current()
+    except gevent.GreenletExit:
+        pass  # killed during close (graceful timeout): the worker is going away anyway
+    except Exception:  # pragma: no cover - remove_current logs and swallows Exceptions
+        log.exception("greenscope: removing the request's Sessions failed")
+
+
+def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    """gunicorn hook: remove the finished request's Sessions.
+
+    gunicorn runs it in the request's greenlet, after the response iterable's
+    ``close()``, also when the app raised or the client went away.
+    """
+    greenscope.remove_current()
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """gunicorn hook: give the new worker fresh pools; forget the master's Sessions."""
+    _after_fork()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """gunicorn hook: close every Session still open in the exiting worker."""
+    greenscope.close_all()
+
+
+class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is untyped
+    """``-k gevent`` that removes each request's Sessions when the request ends."""
+
+    def init_process(self) -> None:
+        _after_fork()
+        super().init_process()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            greenscope.close_all()
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            _end_request(self.log)
+
+    def handle_http2_request(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().handle_http2_request(*args, **kwargs)
+        finally:
+            _end_request(self.log)
+
+
+class _PyWSGIHandler(ggevent.PyWSGIHandler):  # type: ignore[misc]  # gevent is untyped
+    def run_application(self) -> None:
+        # gevent closes the response iterable in run_application's own finally.
+        try:
+            super().run_application()
+        finally:
+            _end_request(self.server.log)
+
+
+class GeventPyWSGIWorker(GeventWorker):
+    """``-k gevent_pywsgi`` (gevent's own HTTP server) with request-end removal."""
+
+    server_class = ggevent.PyWSGIServer
+    wsgi_handler = _PyWSGIHandler
