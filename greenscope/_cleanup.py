@@ -31,13 +31,22 @@ import _thread
 import logging
 import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import greenlet
 
-__all__ = ["get_ident", "hub_if_exists", "in_hub", "prepare", "submit", "wait_idle"]
+__all__ = [
+    "get_ident",
+    "hub_if_exists",
+    "in_hub",
+    "pending",
+    "prepare",
+    "submit",
+    "wait_idle",
+]
 
 logger = logging.getLogger("greenscope")
 
@@ -100,10 +109,17 @@ class _Pending:
 _pending = _Pending()
 
 
+def pending() -> int:
+    """Jobs submitted and not finished yet."""
+    return _pending.count
+
+
 def _run_job(job: Job) -> None:
+    # Jobs log and count their own failures and do not raise; this is the last line of
+    # defence, so that a reaper never dies and nothing reaches the hub or another greenlet.
     try:
         job()
-    except Exception:  # pragma: no cover - jobs log their own errors
+    except BaseException:  # pragma: no cover - defensive
         logger.exception("greenscope: a cleanup job failed")
     finally:
         _pending.count -= 1
@@ -117,12 +133,13 @@ class _HubReaper:
     from that callback, so it starts from the hub like any gevent greenlet.
     """
 
-    __slots__ = ("hub", "jobs", "scheduled")
+    __slots__ = ("__weakref__", "hub", "jobs", "scheduled")
 
     def __init__(self, hub: Any) -> None:
         self.hub = hub
         self.jobs: deque[Job] = deque()
         self.scheduled = False
+        _hub_reapers.add(self)
 
     def submit(self, job: Job) -> None:
         self.jobs.append(job)  # deque.append is atomic: safe from any context
@@ -153,6 +170,10 @@ class _HubReaper:
             if self.jobs and _loop_alive(self.hub):  # killed mid-drain, or a late submit
                 self.scheduled = True
                 self.hub.loop.run_callback(self._spawn)
+
+
+# Every hub reaper, so the thread reaper can rescue the jobs of a destroyed hub.
+_hub_reapers: weakref.WeakSet[_HubReaper] = weakref.WeakSet()
 
 
 def _hub_reaper(hub: Any) -> _HubReaper:
@@ -193,9 +214,28 @@ class _ThreadReaper:
 
     def _run(self) -> None:
         while True:
-            _run_job(self.queue.get())
+            try:
+                job = self.queue.get(timeout=_SWEEP_INTERVAL)
+            except _queue.Empty:
+                self._rescue_orphaned_hub_jobs()
+                continue
+            _run_job(job)
+
+    def _rescue_orphaned_hub_jobs(self) -> None:
+        """Take over the jobs of hubs that were destroyed before they could run them.
+
+        A thread that ends (or a ``ThreadPool`` that is killed) may destroy its hub with
+        jobs still queued. Closing here, off the owner's thread, is the only option left:
+        it works for drivers whose connections may change threads once their owner is
+        gone (psycopg, pg8000, PyMySQL); a failure is logged and counted.
+        """
+        for reaper in list(_hub_reapers):
+            if reaper.jobs and not _loop_alive(reaper.hub):
+                while reaper.jobs:
+                    self.queue.put(reaper.jobs.popleft())
 
 
+_SWEEP_INTERVAL = 1.0
 _thread_reaper = _ThreadReaper()
 
 
@@ -212,9 +252,12 @@ def prepare() -> None:
 
 
 def _after_fork_in_child() -> None:
-    # The reaper thread does not survive fork (gunicorn forks workers from a master that
-    # may have imported the app with --preload): its queued jobs are gone with it.
-    _pending.count -= _thread_reaper.queue.qsize()
+    # Nothing queued before fork is the child's to close: those values hold connections
+    # whose sockets the child shares with its parent (gunicorn forks workers from a master
+    # that may have loaded the app with --preload). The reaper thread is gone anyway.
+    for reaper in list(_hub_reapers):
+        reaper.jobs.clear()
+    _pending.count = 0
     _thread_reaper.reset()
 
 

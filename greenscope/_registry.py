@@ -33,7 +33,9 @@ GIL builds, approximate on free-threaded ones.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
 import weakref
 from collections.abc import Callable
@@ -126,7 +128,8 @@ class _Watch:
         # Where cleanup must run: the owner's thread, in its hub's greenlets if it has one
         # by then (submit() looks again, since a hub may be created after this).
         self.thread = _cleanup.get_ident()
-        self.hub = _cleanup.hub_if_exists()
+        hub = _cleanup.hub_if_exists()
+        self.hub = weakref.ref(hub) if hub is not None else None  # hubs are greenlets too
         _cleanup.prepare()
         self.rawlinked = False
         if _GeventGreenlet is not None and isinstance(g, _GeventGreenlet):
@@ -157,7 +160,8 @@ class _Watch:
         values, self.values = self.values, {}
         for registry, value in values.items():
             registry._owners.discard(self)
-            _cleanup.submit(_Reap(registry, value, self.owner, True), self.thread, self.hub)
+            job = _Reap(registry, value, self.owner, True)
+            _cleanup.submit(job, self.thread, self.hub() if self.hub is not None else None)
 
 
 def _owner_freed(ref: weakref.ref[RawGreenlet]) -> None:
@@ -170,13 +174,23 @@ def _owner_freed(ref: weakref.ref[RawGreenlet]) -> None:
 class _Reap:
     """A cleanup job: close one value, log, count. Runs where blocking is allowed."""
 
-    __slots__ = ("orphan", "owner", "registry", "value")
+    __slots__ = ("orphan", "owner", "registry", "reraise", "value")
 
-    def __init__(self, registry: GreenletRegistry[Any], value: Any, owner: str, orphan: bool):
+    def __init__(
+        self,
+        registry: GreenletRegistry[Any],
+        value: Any,
+        owner: str,
+        orphan: bool,
+        reraise: bool = False,
+    ) -> None:
         self.registry = registry
         self.value = value
         self.owner = owner
         self.orphan = orphan
+        # Only a caller that asked for the close (close_all) gets a kill re-raised; a
+        # reaper never raises: it would kill the reaper or land in the hub.
+        self.reraise = reraise
 
     def __call__(self) -> None:
         registry, value = self.registry, self.value
@@ -198,7 +212,7 @@ class _Reap:
                 self.owner,
                 exc_info=exc,
             )
-            if not isinstance(exc, Exception):  # GreenletExit, KeyboardInterrupt: propagate
+            if self.reraise and not isinstance(exc, Exception):  # GreenletExit and the like
                 raise
         finally:
             self.value = None
@@ -236,6 +250,10 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
     ``clear()`` discards without closing, as in SQLAlchemy; ``set(obj)`` replaces without
     closing the previous value. ``scoped_session.remove()`` closes, then clears.
 
+    Across ``fork()``, the child forgets every value it inherited, without closing it:
+    those Sessions' connections share their sockets with the parent, so closing them
+    would roll back or end the parent's transactions.
+
     ``request_scoped`` (default True): whether request-end removal
     (:func:`greenscope.remove_current`, the gunicorn worker and hooks, the WSGI
     middleware) removes this registry's value. Set it to False for a registry whose
@@ -267,6 +285,8 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
                 f"GreenletRegistry(createfunc) needs a callable that makes a value, "
                 f"such as a sessionmaker; got {createfunc!r}"
             )
+        if not callable(close):
+            raise TypeError(f"GreenletRegistry(close=...) must be callable; got {close!r}")
         self.createfunc = createfunc
         self.scopefunc = getcurrent
         self._close = close
@@ -305,6 +325,12 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         self._store(obj)
 
     def _store(self, value: _T) -> None:
+        if _cleanup.in_hub():
+            raise RuntimeError(
+                "greenscope: the gevent hub cannot hold a Session: it never ends (so the "
+                "Session would never be cleaned up) and cannot block (so it cannot do I/O). "
+                "Do database work in a greenlet, e.g. gevent.spawn(func)."
+            )
         g = getcurrent()
         d = g.__dict__
         watch: _Watch | None = d.get(_WATCH_KEY)
@@ -328,27 +354,6 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
             self._owners.discard(watch)
             if not watch.values:
                 _LIVE.pop(id(watch.ref), None)
-
-    def forget_all(self) -> int:
-        """Forget every greenlet's value without closing it; return how many.
-
-        For a forked child process (gunicorn's ``post_fork``): the values it inherited
-        hold connections whose sockets it shares with the parent, and closing them there
-        would roll back or terminate the parent's connections. Counted as removed.
-        """
-        forgotten = 0
-        for watch in list(self._owners):
-            self._owners.discard(watch)
-            if watch.values.pop(self, _MISSING) is _MISSING:
-                continue
-            forgotten += 1
-            g = watch.ref()
-            if g is not None:
-                g.__dict__.pop(self._key, None)
-            if not watch.values:
-                _LIVE.pop(id(watch.ref), None)
-        self._removed += forgotten
-        return forgotten
 
     # -- observability ------------------------------------------------------------------
 
@@ -380,6 +385,36 @@ def stats() -> RegistryStats:
     for registry in registries():
         total += registry.stats()
     return total
+
+
+def _forget_inherited() -> None:
+    """In a forked child: forget, never close, every value inherited from the parent."""
+    for watch in list(_LIVE.values()):
+        g = watch.ref()
+        d = g.__dict__ if g is not None else {}
+        for registry in watch.values:
+            d.pop(registry._key, None)
+            registry._owners.discard(watch)
+            registry._removed += 1
+        watch.values = {}
+    _LIVE.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited)
+
+
+def _at_exit() -> None:
+    # A script that ends right after its greenlets did would otherwise exit with their
+    # orphans' closes still queued, leaving the rollback to the database server.
+    if not _LIVE and _cleanup.pending() == 0:
+        return
+    try:
+        _cleanup.wait_idle(2.0, _death_pending)
+    except Exception:  # interpreter shutdown: never fail the exit
+        logger.debug("greenscope: waiting for orphans at exit failed", exc_info=True)
+
+
+atexit.register(_at_exit)
 
 
 def current_sessions() -> list[Any]:
@@ -441,11 +476,10 @@ def remove_current() -> int:
 def _death_pending() -> bool:
     """True while an owner is known dead but its callback has not run yet.
 
-    Two cases: a finished gevent.Greenlet of this thread whose rawlink callbacks are
-    still queued in the hub, and the main greenlet of a thread that has ended: greenlet
-    frees it shortly after, from another thread (a pending call), not at ``join()``.
+    Two cases: a finished gevent.Greenlet whose rawlink callbacks are still queued in
+    its hub, and the main greenlet of a thread that has ended: greenlet frees it shortly
+    after, from another thread (a pending call), not at ``join()``.
     """
-    me = _cleanup.get_ident()
     threads: set[int] | None = None
     for watch in list(_LIVE.values()):
         if watch.main:
@@ -453,7 +487,7 @@ def _death_pending() -> bool:
                 threads = set(sys._current_frames())
             if watch.thread not in threads:
                 return True
-        elif watch.thread == me and watch.rawlinked:
+        elif watch.rawlinked:
             g = watch.ref()
             if g is not None and g.dead:
                 return True
@@ -464,7 +498,10 @@ def wait_reaped(timeout: float | None = None) -> bool:
     """Wait until every Session orphaned so far has been closed; False on timeout.
 
     "So far" covers greenlets already freed, ``gevent.Greenlet`` objects that have
-    finished and threads that have ended. A raw greenlet that finished but is still
+    finished and threads that have ended. A hub runs its callbacks only while its thread
+    runs it: an orphan of a gevent thread-pool worker that went idle is closed when that
+    worker next yields to its hub, and until then this waits (use ``session_scope`` in
+    thread-pool tasks). A raw greenlet that finished but is still
     referenced is not waited for (it is reaped when freed). Under gevent it yields to
     the hub; call it from a greenlet, not from the hub. Meant for tests, health checks
     and shutdown.
@@ -502,12 +539,12 @@ def close_all() -> int:
         for registry, value in values.items():
             d.pop(registry._key, None)
             registry._owners.discard(watch)
-            job = _Reap(registry, value, watch.owner, False)
+            job = _Reap(registry, value, watch.owner, False, reraise=True)
             total += 1
             if watch.thread == me:
                 jobs.append(job)
             else:
-                _cleanup.submit(job, watch.thread, watch.hub)
+                _cleanup.submit(job, watch.thread, watch.hub() if watch.hub is not None else None)
     for i, job in enumerate(jobs):
         try:
             job()  # logs and counts its own failure; only re-raises GreenletExit and the like

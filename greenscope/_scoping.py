@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -26,14 +27,14 @@ class scoped_session(_sa_scoped_session[_S]):
     Without ``scopefunc`` the registry is a :class:`~greenscope.GreenletRegistry`: every
     greenlet (and every thread) gets its own ``Session``, whether or not gevent had
     patched ``threading`` when this object was built, and a ``Session`` whose greenlet
-    ends without :meth:`remove` is closed (rolled back) for it. With ``scopefunc`` it is
-    SQLAlchemy's ``ScopedRegistry``, exactly as in SQLAlchemy.
+    ends without :meth:`remove` is closed (rolled back) for it. With ``scopefunc`` the
+    registry is SQLAlchemy's ``ScopedRegistry``, keyed on what ``scopefunc`` returns.
 
     Everything else is SQLAlchemy's: the proxied ``Session`` methods and attributes,
     ``query_property()``, ``configure()``, ``__call__(**kw)`` and their errors and
-    warnings. One difference: :meth:`remove` forgets the ``Session`` even when its
-    ``close()`` raises, so a kill during ``close()`` cannot hand the same ``Session``
-    out again.
+    warnings. One difference, with or without ``scopefunc``: :meth:`remove` forgets the
+    ``Session`` even when its ``close()`` raises, so a kill during ``close()`` cannot
+    hand the same ``Session`` out again.
 
     .. versionadded:: 0.1
     """
@@ -60,6 +61,10 @@ class scoped_session(_sa_scoped_session[_S]):
         try:
             if self.registry.has():
                 self.registry().close()
+        except BaseException:
+            if isinstance(self.registry, GreenletRegistry):
+                self.registry._failed += 1
+            raise
         finally:
             self.registry.clear()
 
@@ -67,15 +72,18 @@ class scoped_session(_sa_scoped_session[_S]):
 class session_scope(Generic[_S]):
     """Bracket one unit of work: a context manager and a decorator.
 
-    For work whose greenlet does not end with it: a gevent thread pool task (its worker
-    greenlet lives for ever), a loop in a long-lived background greenlet, a job runner.
-    On entry it provides the current ``Session`` of ``session``; on exit it removes it
-    (rollback, connection back to the pool). With ``commit=True`` it commits first when
-    the block succeeds; a failing commit still removes, and its error propagates.
+    For work whose greenlet does not end with it: a gevent thread-pool task (its worker
+    thread, and the greenlet running the task, outlive each task), a loop in a
+    long-lived background greenlet, a job runner. On entry it provides the current
+    ``Session`` of ``session``; on exit it removes it (rollback, connection back to the
+    pool). With ``commit=True`` it commits first when the block succeeds; a failing
+    commit still removes, and its error propagates.
 
-    Scopes nest: an inner scope entered while the greenlet already has a ``Session``
-    (an outer scope, or a request handled by the gunicorn worker) leaves it alone and
-    neither commits nor removes; the owner of the ``Session`` does.
+    Entered while the greenlet already has a ``Session`` (an outer scope, or a request
+    served by the gunicorn worker), it uses that ``Session`` and leaves its removal to
+    whoever opened it. ``commit=True`` still commits when the block succeeds: it is a
+    commit, not a vote, so an outer block's pending work is committed with it. Use it
+    on the outermost unit of work when the whole must be atomic.
 
     Usage::
 
@@ -119,15 +127,24 @@ class session_scope(Generic[_S]):
         owned = stack.pop()
         if not stack:
             del self._owned[key]
-        if not owned:
-            return
         try:
             if self._commit and exc_type is None:
                 self._session().commit()
         finally:
-            self._session.remove()
+            if owned:
+                self._session.remove()
 
     def __call__(self, func: Callable[_P, _R]) -> Callable[_P, _R]:
+        if (
+            inspect.isgeneratorfunction(func)
+            or inspect.iscoroutinefunction(func)
+            or inspect.isasyncgenfunction(func)
+        ):
+            raise TypeError(
+                f"@session_scope cannot wrap {func.__qualname__}: calling a generator or "
+                "async function returns before its body runs, so the scope would end "
+                "first. Use `with session_scope(...)` inside the function instead."
+            )
         session, commit = self._session, self._commit
 
         @functools.wraps(func)

@@ -80,12 +80,12 @@ def _after_fork() -> None:
     """In a forked worker: never use or close what the master opened.
 
     With ``--preload`` the app, its engines and possibly Sessions were created in the
-    master. Their connections' sockets are shared with the master: the child forgets
-    inherited Sessions without closing them and gets fresh pools
-    (``engine.dispose(close=False)``, SQLAlchemy's recipe for forked processes).
+    master, and their connections' sockets are shared with it. greenscope itself forgets
+    inherited Sessions at fork without closing them; this gives the engines behind every
+    greenscope registry fresh pools (``engine.dispose(close=False)``, SQLAlchemy's recipe
+    for forked processes), so the worker never checks out a connection of the master's.
     """
     for registry in greenscope.registries():
-        registry.forget_all()
         for engine in _engines(registry.createfunc):
             engine.dispose(close=False)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import gevent
 import gevent.threadpool
 import pytest
@@ -76,14 +78,63 @@ def test_failing_commit_still_removes(sqlite_db: CountingEngine) -> None:
     assert sqlite_db.count_rows() == 0
 
 
-def test_nested_scope_leaves_the_outer_session_alone(Session: Scoped) -> None:
-    """An inner scope joins the existing Session and neither commits nor removes it."""
+def test_nested_scope_leaves_removal_to_the_outer_one(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """An inner scope uses the outer Session; only the scope that opened it removes it."""
     with greenscope.session_scope(Session) as outer:
-        with greenscope.session_scope(Session, commit=True) as inner:
+        with greenscope.session_scope(Session) as inner:
             assert inner is outer
+            add(inner, "inner")
         assert Session.registry.has()
         assert Session() is outer
     assert not Session.registry.has()
+    assert sqlite_db.count_rows() == 0, "nobody asked for a commit"
+
+
+def test_inner_commit_is_a_commit_not_a_vote(Session: Scoped, sqlite_db: CountingEngine) -> None:
+    """commit=True commits at the end of its block even inside another scope or Session."""
+    session = Session()  # e.g. the request's Session, opened before the unit of work
+    add(session, "before")
+    with greenscope.session_scope(Session, commit=True):
+        add(Session(), "unit")
+    assert Session.registry.has(), "the scope did not open it, so it does not remove it"
+    assert sqlite_db.count_rows() == 2
+    Session.remove()
+
+
+def test_decorating_a_generator_or_coroutine_is_refused(Session: Scoped) -> None:
+    """The scope would end before the body runs, so wrapping one raises a TypeError."""
+
+    def gen() -> Iterator[int]:
+        yield 1
+
+    async def coro() -> None:
+        pass
+
+    for func in (gen, coro):
+        with pytest.raises(TypeError, match="with session_scope"):
+            greenscope.session_scope(Session)(func)
+
+
+def test_killed_inside_a_committing_scope_commits_nothing(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """A greenlet killed inside session_scope(commit=True) rolls back and removes."""
+    inside = Event()
+
+    def work() -> None:
+        with greenscope.session_scope(Session, commit=True) as session:
+            add(session, "killed")
+            inside.set()
+            gevent.sleep(10)
+
+    g = gevent.spawn(work)
+    inside.wait(5)
+    g.kill(block=True, timeout=5)
+    assert sqlite_db.count_rows() == 0
+    assert sqlite_db.checkedout() == 0
+    assert Session.registry.stats().removed == 1  # type: ignore[attr-defined]
 
 
 def test_decorator_scopes_each_call(Session: Scoped, sqlite_db: CountingEngine) -> None:

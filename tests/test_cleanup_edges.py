@@ -1,0 +1,229 @@
+"""Cleanup at the edges: GC passes, failing closes, destroyed hubs, fork, the hub itself."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+import gevent
+import gevent.threadpool
+import pytest
+from greenlet import greenlet as RawGreenlet
+from sqlalchemy import orm, text
+from sqlalchemy.orm import sessionmaker
+
+import greenscope
+
+from conftest import CountingEngine, run_scenario
+
+
+class GCWatch:
+    """Tracks whether a cyclic GC pass is running (gc.callbacks: start/stop)."""
+
+    def __init__(self) -> None:
+        self.collecting = False
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        self.collecting = phase == "start"
+
+
+def test_close_never_runs_inside_a_gc_pass(sqlite_db: CountingEngine) -> None:
+    """A greenlet freed by cyclic GC has its Session closed after the pass, not during it."""
+    watch = GCWatch()
+    closed_during_gc: list[bool] = []
+
+    class Recording(orm.Session):
+        def close(self) -> None:
+            closed_during_gc.append(watch.collecting)
+            super().close()
+
+    Session = greenscope.scoped_session(sessionmaker(sqlite_db.engine, class_=Recording))
+
+    def work() -> None:
+        Session.execute(text("SELECT 1"))
+
+    g = RawGreenlet(work)
+    g.cycle = g  # type: ignore[attr-defined]  # only cyclic GC can free it now
+    g.switch()
+    del g
+    assert sqlite_db.checkedout() == 1
+    gc.callbacks.append(watch)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(watch)
+    assert greenscope.wait_reaped(10)
+    assert closed_during_gc == [False]
+    assert sqlite_db.checkedout() == 0
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit, gevent.GreenletExit])
+def test_close_raising_a_base_exception_does_not_escape_the_reaper(
+    exc_type: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A close() raising KeyboardInterrupt & co is logged and counted; the reaper lives on."""
+    calls: list[str] = []
+
+    class Value:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def close(self) -> None:
+            calls.append("fail" if self.fail else "ok")
+            if self.fail:
+                raise exc_type
+
+    fails = iter([True, False])
+    registry = greenscope.GreenletRegistry(lambda: Value(next(fails)))
+    for _ in range(2):
+        g = gevent.spawn(registry)
+        g.join()
+        del g
+        with caplog.at_level(logging.CRITICAL, logger="greenscope"):
+            assert greenscope.wait_reaped(10)
+    assert calls == ["fail", "ok"]
+    assert registry.stats() == greenscope.RegistryStats(created=2, reaped=2, failed=1)
+
+
+def test_thread_reaper_survives_a_base_exception(caplog: pytest.LogCaptureFixture) -> None:
+    """Without a hub, a close raising SystemExit neither kills the reaper thread nor leaks."""
+    result = run_scenario(
+        """
+        import sys
+        sys.modules["gevent"] = None
+        import json, logging
+        from greenlet import greenlet
+        import greenscope
+        logging.disable(logging.CRITICAL)
+
+        closed = []
+        class Value:
+            def __init__(self, fail): self.fail = fail
+            def close(self):
+                closed.append(self.fail)
+                if self.fail:
+                    raise SystemExit(3)
+
+        fails = iter([True, False, False])
+        registry = greenscope.GreenletRegistry(lambda: Value(next(fails)))
+        for _ in range(3):
+            g = greenlet(registry)
+            g.switch()
+            del g
+        ok = greenscope.wait_reaped(10)
+        print(json.dumps({"ok": ok, "closed": closed, "stats": registry.stats().__dict__}))
+        """
+    )
+    assert result == {
+        "ok": True,
+        "closed": [True, False, False],
+        "stats": {"created": 3, "removed": 0, "reaped": 3, "failed": 1, "live": 0},
+    }
+
+
+def test_jobs_of_a_destroyed_hub_are_rescued(sqlite_db: CountingEngine) -> None:
+    """Orphans queued on a thread-pool worker's hub when the pool is killed still get closed."""
+    Session = greenscope.scoped_session(sessionmaker(sqlite_db.engine))
+
+    def task() -> None:
+        g = gevent.spawn(Session.execute, text("SELECT 1"))
+        g.join()
+        gevent.sleep(0)  # the rawlink runs and queues the close on this worker's hub...
+        # ...and the task returns before that hub runs the reaper.
+
+    pool = gevent.threadpool.ThreadPool(1)
+    pool.spawn(task).get(timeout=10)
+    pool.kill()  # destroys the worker's hub with the close still queued
+    assert greenscope.wait_reaped(10)
+    assert sqlite_db.checkedout() == 0
+    assert Session.registry.stats() == greenscope.RegistryStats(created=1, reaped=1)  # type: ignore[attr-defined]
+
+
+def test_forked_child_forgets_inherited_sessions_without_closing(tmp_path: Path) -> None:
+    """After fork the child never closes (rolls back) a Session its parent still uses."""
+    result = run_scenario(
+        f"""
+        import json, os
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.orm import Session as BaseSession, sessionmaker
+        import greenscope
+
+        marker = {str(tmp_path / "closed-in-child")!r}
+        class Recording(BaseSession):
+            def close(self):
+                if os.getpid() != parent:
+                    open(marker, "w").close()
+                super().close()
+
+        parent = os.getpid()
+        engine = create_engine("sqlite:///{tmp_path / "fork.db"}")
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        Session = greenscope.scoped_session(sessionmaker(engine, class_=Recording))
+        Session.execute(text("INSERT INTO t VALUES (1)"))   # open transaction in the parent
+
+        pid = os.fork()
+        if pid == 0:
+            child = {{
+                "live": greenscope.stats().live,
+                "has": Session.registry.has(),
+                "closed_all": greenscope.close_all(),
+            }}
+            with open(marker + ".json", "w") as f:
+                json.dump(child, f)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        Session.commit()
+        rows = Session.execute(text("SELECT count(*) FROM t")).scalar_one()
+        Session.remove()
+        child = json.load(open(marker + ".json"))
+        closed = os.path.exists(marker)
+        print(json.dumps({{"child": child, "rows": rows, "closed_in_child": closed}}))
+        """
+    )
+    assert result == {
+        "child": {"live": 0, "has": False, "closed_all": 0},
+        "rows": 1,
+        "closed_in_child": False,
+    }
+
+
+def test_the_hub_cannot_hold_a_session() -> None:
+    """Creating a Session inside the hub raises an error that says where to do the work."""
+    registry = greenscope.GreenletRegistry(object)
+    errors: list[BaseException] = []
+
+    def in_hub() -> None:
+        try:
+            registry()
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    gevent.get_hub().loop.run_callback(in_hub)
+    gevent.sleep(0)
+    assert len(errors) == 1
+    assert "gevent.spawn" in str(errors[0])
+    assert registry.stats().live == 0
+
+
+def test_close_must_be_callable() -> None:
+    """A non-callable close= is refused at construction, not at the first reap."""
+    with pytest.raises(TypeError, match="close"):
+        greenscope.GreenletRegistry(object, close=None)  # type: ignore[arg-type]
+
+
+def test_remove_counts_a_failing_close(sqlite_db: CountingEngine) -> None:
+    """scoped_session.remove() whose close() raises is counted as failed (and removed)."""
+
+    class Failing(orm.Session):
+        def close(self) -> None:
+            super().close()
+            raise RuntimeError("close failed")
+
+    Session = greenscope.scoped_session(sessionmaker(sqlite_db.engine, class_=Failing))
+    Session()
+    with pytest.raises(RuntimeError):
+        Session.remove()
+    assert Session.registry.stats() == greenscope.RegistryStats(created=1, removed=1, failed=1)  # type: ignore[attr-defined]
