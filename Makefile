@@ -1,18 +1,21 @@
-# `make test` builds its virtualenvs from nothing, then runs ruff, mypy --strict and pytest
-# on the newest SQLAlchemy and on the oldest supported pairing (SQLAlchemy 2.0, Python 3.10
-# when the machine has it). PostgreSQL tests run when GREENSCOPE_TEST_PG_URL is set.
+# make test: build the virtualenvs from nothing, then ruff, mypy --strict and pytest on the
+#            newest Python with the newest SQLAlchemy and on Python 3.10 with SQLAlchemy 2.0.
+#            PostgreSQL tests run when GREENSCOPE_TEST_PG_URL is set.
+# make demo: the demo service under a real gunicorn, with and without greenscope.
 
-PYTHON ?= python3
-# The oldest supported Python: python3.10 if it runs, else pyenv's 3.10, else $(PYTHON).
-PYTHON_OLDEST ?= $(shell \
-	(python3.10 -c '' >/dev/null 2>&1 && echo python3.10) || \
-	(p=$$(pyenv prefix 3.10 2>/dev/null) && test -x "$$p/bin/python3.10" && echo "$$p/bin/python3.10") || \
-	echo $(PYTHON))
+# `python3.X` if it runs, else pyenv's 3.X if installed, else nothing.
+find_python = $(shell \
+	(python$(1) -c '' >/dev/null 2>&1 && echo python$(1)) || \
+	(p=$$(pyenv prefix $(1) 2>/dev/null) && test -x "$$p/bin/python$(1)" && echo "$$p/bin/python$(1)"))
+
+PYTHON ?= $(or $(call find_python,3.13),python3)
+PYTHON_OLDEST ?= $(or $(call find_python,3.10),$(PYTHON))
 VENV := .venv
 VENV_SA20 := .venv-sa20
 PIP_FLAGS := --quiet --disable-pip-version-check
+VERSIONS := 'import sys, sqlalchemy, gevent; print("== Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "gevent", gevent.__version__)'
 
-.PHONY: test lint pytest pytest-sa20 clean
+.PHONY: test lint pytest pytest-sa20 demo clean
 
 test: lint pytest pytest-sa20
 
@@ -34,12 +37,15 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 pytest: $(VENV)/.installed
-	$(VENV)/bin/python -c 'import sys, sqlalchemy; print("== Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__)'
+	$(VENV)/bin/python -c $(VERSIONS)
 	$(VENV)/bin/python -m pytest
 
 pytest-sa20: $(VENV_SA20)/.installed
-	$(VENV_SA20)/bin/python -c 'import sys, sqlalchemy; print("== Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__)'
+	$(VENV_SA20)/bin/python -c $(VERSIONS)
 	$(VENV_SA20)/bin/python -m pytest
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python deploy/demo.py
 
 clean:
 	rm -rf $(VENV) $(VENV_SA20) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--without-greenscope", action="store_true", help="only the stock run")
     group.add_argument("--greenscope-only", action="store_true", help="only the greenscope run")
-    parser.add_argument("--clients", type=int, default=20, help="keep-alive clients (20)")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds per client (10)")
+    parser.add_argument("--clients", type=int, default=12, help="keep-alive clients (12)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per client (5)")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.rounds < 1:
         parser.error("--clients and --rounds must be at least 1")

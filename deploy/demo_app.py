@@ -7,13 +7,15 @@ Run it under gunicorn (see ``deploy/README.md``)::
 Environment:
 
 ``DATABASE_URL``
-    SQLAlchemy URL; default ``sqlite:///greenscope-demo.db`` (in the working directory).
+    SQLAlchemy URL; default ``sqlite:///`` ``greenscope-demo.db`` next to this file.
 ``GREENSCOPE_DEMO_MODE``
     ``greenscope`` (default): ``greenscope.scoped_session``, removal by the worker.
     ``stock``: SQLAlchemy's ``scoped_session`` and no request-end removal, the setup
     greenscope replaces, to show what goes wrong.
 ``GREENSCOPE_DEMO_TABLE``
     table name; default ``demo_items``. Create it with :func:`create_schema` first.
+``GREENSCOPE_DEMO_IMPORT_QUERY``
+    if set, query at import time and leave a Session open (the ``--preload`` hazard).
 
 Endpoints (``key`` is a unique string the client picks, so it can audit the table):
 
@@ -45,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -56,7 +59,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 import greenscope
 
 MODE = os.environ.get("GREENSCOPE_DEMO_MODE", "greenscope")
-DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///greenscope-demo.db")
+DATABASE_URL = os.environ.get(
+    "DATABASE_URL", f"sqlite:///{Path(__file__).resolve().parent / 'greenscope-demo.db'}"
+)
 TABLE = os.environ.get("GREENSCOPE_DEMO_TABLE", "demo_items")
 
 if MODE not in {"greenscope", "stock"}:
@@ -110,6 +115,14 @@ if MODE == "greenscope":
     )
 else:
     Session = sqlalchemy.orm.scoped_session(sessionmaker(engine))
+
+if os.environ.get("GREENSCOPE_DEMO_IMPORT_QUERY"):
+    # What many apps do at import: a query that warms a cache. With --preload it runs in
+    # the master: one connection goes back to the pool, one Session is left open. Forked
+    # workers must use neither (greenscope's worker or post_fork hook sees to that).
+    Session.execute(text("SELECT 1"))
+    Session.commit()
+    Session.execute(text("SELECT 1"))
 
 counters = {"requests": 0, "saw_foreign": 0, "background_pending": 0, "background_failed": 0}
 

@@ -189,3 +189,29 @@ def test_sigterm_lets_the_request_in_flight_finish(
         keys = [k for (k,) in conn.execute(text(f"SELECT key FROM {database.table}"))]
     engine.dispose()
     assert keys == sorted(out.acked)
+
+
+@pytest.mark.parametrize("variant", ["greenscope.gunicorn.GeventWorker", "gevent+hooks"])
+def test_preload_workers_never_share_the_masters_connections(
+    variant: str, database: Database, tmp_path: Path
+) -> None:
+    """With --preload and a query at import, two workers serve the load without errors."""
+    port = loadgen.free_port()
+    argv = gunicorn_argv(variant, port)
+    argv[argv.index("-w") + 1] = "2"
+    argv[-1:-1] = ["--preload"]
+    env = {**demo_env(database, "greenscope"), "GREENSCOPE_DEMO_IMPORT_QUERY": "1"}
+    server = loadgen.Server(argv, port, env, str(tmp_path))
+    try:
+        out, clients = loadgen.run_load(port, clients=8, rounds=4, disconnects=2)
+        for client in clients:
+            client.close()
+        report = loadgen.audit(port, database.url, database.table, out)
+    finally:
+        code = server.stop()
+    log = server.log()
+    assert report["unexpected"] == [], log
+    assert report["lost"] == []
+    assert report["leaked"] == []
+    assert log.count("Traceback") == log.count("RuntimeError: deliberate failure"), log
+    assert code == 0, log
