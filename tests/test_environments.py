@@ -85,3 +85,26 @@ def test_without_gevent_the_package_imports_and_cleans_up(tmp_path: Path) -> Non
         "checkedout": 0,
         "stats": {"created": 8, "removed": 0, "reaped": 8, "failed": 0, "live": 0},
     }
+
+
+def test_gunicorn_integration_without_gunicorn_says_what_to_install() -> None:
+    """Importing greenscope.gunicorn without gunicorn or gevent names the extra to install."""
+    result = run_scenario(
+        """
+        import json, sys
+        messages = {}
+        for missing in ("gunicorn", "gevent"):
+            for name in [m for m in sys.modules if m.startswith(("greenscope", missing))]:
+                del sys.modules[name]
+            sys.modules[missing] = None
+            try:
+                import greenscope.gunicorn
+            except ImportError as exc:
+                messages[missing] = str(exc)
+            del sys.modules[missing]
+        print(json.dumps(messages))
+        """
+    )
+    assert set(result) == {"gunicorn", "gevent"}
+    for message in result.values():
+        assert "pip install 'greenscope[gunicorn]'" in message
