@@ -2,6 +2,7 @@
 #            newest Python with the newest SQLAlchemy and on Python 3.10 with SQLAlchemy 2.0.
 #            PostgreSQL tests run when GREENSCOPE_TEST_PG_URL is set.
 # make demo: the demo service under a real gunicorn, with and without greenscope.
+# make bench: benchmarks against SQLAlchemy's registries (a table, JSON and an SVG chart).
 
 # `python3.X` if it runs, else pyenv's 3.X if installed, else nothing.
 find_python = $(shell \
@@ -15,7 +16,7 @@ VENV_SA20 := .venv-sa20
 PIP_FLAGS := --quiet --disable-pip-version-check
 VERSIONS := 'import sys, sqlalchemy, gevent; print("== Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "gevent", gevent.__version__)'
 
-.PHONY: test lint pytest pytest-sa20 demo clean
+.PHONY: test lint pytest pytest-sa20 demo bench clean
 
 test: lint pytest pytest-sa20
 
@@ -46,6 +47,9 @@ pytest-sa20: $(VENV_SA20)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python deploy/demo.py
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) $(VENV_SA20) .mypy_cache .ruff_cache .pytest_cache *.egg-info

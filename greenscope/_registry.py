@@ -106,24 +106,38 @@ class RegistryStats:
         )
 
 
-def _describe(g: RawGreenlet) -> str:
-    """A cheap, stable name for log lines; computed once per greenlet."""
-    if g.parent is None:
-        return f"the main greenlet of thread {_cleanup.get_ident():#x}"
-    name = getattr(g, "name", None)  # gevent.Greenlet: "Greenlet-3"
-    label = f"{type(g).__qualname__} {name!r}" if name else type(g).__qualname__
-    return f"{label} at {id(g):#x}"
+def _describe(kind: str, gid: int, name: str | None = None) -> str:
+    """A name for log lines: built only when a line is logged (it costs microseconds)."""
+    label = f"{kind} {name!r}" if name else kind
+    return f"{label} at {gid:#x}"
 
 
 class _Watch:
     """What greenscope holds for one greenlet, shared by every registry (see above)."""
 
-    __slots__ = ("__weakref__", "hub", "main", "owner", "rawlinked", "ref", "thread", "values")
+    __slots__ = (
+        "__weakref__",
+        "gid",
+        "how",
+        "hub",
+        "kind",
+        "main",
+        "name",
+        "rawlinked",
+        "ref",
+        "thread",
+        "values",
+    )
 
     def __init__(self, g: RawGreenlet) -> None:
         self.ref = weakref.ref(g, _owner_freed)
         self.values: dict[GreenletRegistry[Any], Any] = {}
-        self.owner = _describe(g)
+        # For log lines, kept raw: formatting them (and gevent's lazy Greenlet.name) would
+        # cost more than the rest of this constructor; see owner.
+        self.kind = type(g).__qualname__
+        self.gid = id(g)
+        self.name: str | None = None
+        self.how = ""
         self.main = g.parent is None  # a thread's main greenlet: freed after the thread ends
         # Where cleanup must run: the owner's thread, in its hub's greenlets if it has one
         # by then (submit() looks again, since a hub may be created after this).
@@ -139,15 +153,25 @@ class _Watch:
             gevent_greenlet.rawlink(self._completed)
             self.rawlinked = True
 
+    @property
+    def owner(self) -> str:
+        """The greenlet, for log lines: "Greenlet 'Greenlet-3' at 0x... (killed)"."""
+        if self.main:
+            return f"the main greenlet of thread {self.thread:#x}"
+        return _describe(self.kind, self.gid, self.name) + self.how
+
     def _completed(self, g: Any) -> None:
         # In the hub: no I/O, no logging, must not raise.
+        if not self.values:
+            return  # removed already: nothing to name or close
         if g.exception is not None:
-            how = "raised"
+            self.how = " (raised)"
         elif isinstance(g.value, BaseException):  # killed: successful() with GreenletExit
-            how = "killed"
+            self.how = " (killed)"
         else:
-            how = "finished"
-        self.owner = f"{self.owner} ({how})"
+            self.how = " (finished)"
+        if logger.isEnabledFor(logging.WARNING):  # gevent makes Greenlet.name lazily: costly
+            self.name = g.name
         d = g.__dict__
         for registry in self.values:
             d.pop(registry._key, None)
@@ -325,16 +349,16 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         self._store(obj)
 
     def _store(self, value: _T) -> None:
-        if _cleanup.in_hub():
-            raise RuntimeError(
-                "greenscope: the gevent hub cannot hold a Session: it never ends (so the "
-                "Session would never be cleaned up) and cannot block (so it cannot do I/O). "
-                "Do database work in a greenlet, e.g. gevent.spawn(func)."
-            )
         g = getcurrent()
         d = g.__dict__
         watch: _Watch | None = d.get(_WATCH_KEY)
         if watch is None:  # first value of this greenlet, in any registry
+            if g is _cleanup.hub_if_exists():  # never true later: the hub gets no watch
+                raise RuntimeError(
+                    "greenscope: the gevent hub cannot hold a Session: it never ends (so "
+                    "the Session would never be cleaned up) and cannot block (so it cannot "
+                    "do I/O). Do database work in a greenlet, e.g. gevent.spawn(func)."
+                )
             watch = d[_WATCH_KEY] = _Watch(g)
         d[self._key] = value
         watch.values[self] = value
