@@ -14,6 +14,8 @@ Environment:
     greenscope replaces, to show what goes wrong.
 ``GREENSCOPE_DEMO_TABLE``
     table name; default ``demo_items``. Create it with :func:`create_schema` first.
+``GREENSCOPE_DEMO_POOL_SIZE``, ``GREENSCOPE_DEMO_MAX_OVERFLOW``
+    the engine's pool; default 20 and 80 (for ``worker_connections = 100``).
 ``GREENSCOPE_DEMO_IMPORT_QUERY``
     if set, query at import time and leave a Session open (the ``--preload`` hazard).
 
@@ -79,10 +81,17 @@ class Item(Base):
     kind: Mapped[str] = mapped_column(String(16))
 
 
+POOL = {
+    "pool_size": int(os.environ.get("GREENSCOPE_DEMO_POOL_SIZE", "20")),
+    "max_overflow": int(os.environ.get("GREENSCOPE_DEMO_MAX_OVERFLOW", "80")),
+    "pool_timeout": 10,
+}
+
+
 def make_engine(url: str = DATABASE_URL) -> Engine:
     """The demo's engine: a pool sized for a gevent worker (see deploy/README.md)."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, pool_size=20, max_overflow=80, pool_timeout=10)
+        engine = create_engine(url, **POOL)
 
         @event.listens_for(engine, "connect")
         def _wal(dbapi_connection: Any, record: Any) -> None:
@@ -94,9 +103,7 @@ def make_engine(url: str = DATABASE_URL) -> Engine:
         return engine
     return create_engine(
         url,
-        pool_size=20,
-        max_overflow=80,
-        pool_timeout=10,
+        **POOL,
         connect_args={"application_name": os.environ.get("GREENSCOPE_DEMO_APP_NAME", "demo")},
     )
 
@@ -124,7 +131,13 @@ if os.environ.get("GREENSCOPE_DEMO_IMPORT_QUERY"):
     Session.commit()
     Session.execute(text("SELECT 1"))
 
-counters = {"requests": 0, "saw_foreign": 0, "background_pending": 0, "background_failed": 0}
+counters = {
+    "requests": 0,
+    "saw_foreign": 0,
+    "deliberate_failures": 0,
+    "background_pending": 0,
+    "background_failed": 0,
+}
 
 StartResponse = Callable[..., Any]
 
@@ -196,6 +209,7 @@ def _fail(query: Query, start_response: StartResponse) -> Iterable[bytes]:
     session = _check_isolation()
     session.add(Item(key=key, kind="fail"))
     session.flush()
+    counters["deliberate_failures"] += 1
     raise RuntimeError(f"deliberate failure after flushing {key}")
 
 

@@ -2,15 +2,19 @@
 
     gunicorn -c deploy/gunicorn.conf.py --chdir deploy demo_app:app
 
-Every value can be overridden from the environment or the command line. Read
-deploy/README.md for pool sizing and drivers before you change the concurrency.
+Command-line flags (and GUNICORN_CMD_ARGS) override any value here; the few read from
+environment variables say so. For your own app, copy this file into your project and
+replace the app path. Read deploy/README.md for pool sizing and drivers before you
+change the concurrency.
 """
 
 import os
 
 bind = os.environ.get("GREENSCOPE_BIND", "127.0.0.1:8000")
 
-# One process per core; each serves up to worker_connections clients at once.
+# One process per core; each serves up to worker_connections clients at once, and each
+# has its own pools: workers x (pool_size + max_overflow) must fit the database's
+# max_connections (or PgBouncer's). Set WEB_CONCURRENCY to stay within that budget.
 workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
 
 # greenscope's gevent worker removes each request's Sessions when its response is closed,

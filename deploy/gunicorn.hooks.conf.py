@@ -20,6 +20,10 @@ worker_connections = int(os.environ.get("GREENSCOPE_WORKER_CONNECTIONS", "100"))
 keepalive = 5
 timeout = 30
 graceful_timeout = 30
+max_requests = 10_000
+max_requests_jitter = 1_000
+preload_app = False  # see gunicorn.conf.py for what --preload implies
+accesslog = os.environ.get("GREENSCOPE_ACCESSLOG")
 
 # greenscope's hooks as they are:
 post_fork = greenscope_hooks.post_fork

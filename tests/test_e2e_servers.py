@@ -136,6 +136,7 @@ def test_concurrent_keepalive_load_leaves_nothing_behind(
     assert report["saw_foreign"] == 0
     assert report["background_failed"] == 0
     assert report["lost"] == []
+    assert report["background_lost"] == []
     assert report["leaked"] == []
     assert report["duplicates"] == 0
     stats = report["greenscope"]
