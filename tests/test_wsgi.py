@@ -199,3 +199,118 @@ def test_wraps_only_callables() -> None:
     """Wrapping something that is not a WSGI app fails at once, saying what it needs."""
     with pytest.raises(TypeError, match="WSGI application"):
         GreenscopeMiddleware(None)  # type: ignore[arg-type]
+
+
+def test_abandoned_body_commits_nothing_past_the_hang_up(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """A body closed before its end (client hung up) commits none of its later writes."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        for i in range(10):
+            insert(Session, f"row-{i}")
+            yield b"chunk"
+
+    result = GreenscopeMiddleware(app, commit_on_success=True)({}, noop_start_response)
+    iterator = iter(result)
+    next(iterator)
+    next(iterator)
+    result.close()  # type: ignore[attr-defined]  # what the server does on a hang-up
+    assert sqlite_db.count_rows() == 0
+    assert not Session.registry.has()
+
+
+def test_writes_made_while_the_body_is_produced_are_committed(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """A complete streamed body's writes are committed at close(), not rolled back."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        insert(Session, "before-return")
+        start_response("200 OK", [])
+
+        def body() -> Iterator[bytes]:
+            insert(Session, "during-body")
+            yield b"ok"
+
+        return body()
+
+    serve(GreenscopeMiddleware(app, commit_on_success=True))
+    assert sqlite_db.count_rows() == 2
+
+
+def test_write_callable_commits_before_the_first_write(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """An app using write() is committed before anything is sent through it."""
+    rows_at_write: list[int] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        insert(Session, "legacy")
+        write = start_response("200 OK", [])
+        write(b"saved")
+        return []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        return lambda data: rows_at_write.append(sqlite_db.count_rows())
+
+    result = GreenscopeMiddleware(app, commit_on_success=True)({}, start_response)
+    result.close()  # type: ignore[attr-defined]
+    assert rows_at_write == [1]
+
+
+def test_non_iterable_result_still_removes_and_commits_nothing(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """An app returning something that is not iterable fails; nothing stays or commits."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Any:
+        insert(Session, "x")
+        start_response("200 OK", [])
+        return 42
+
+    with pytest.raises(TypeError):
+        GreenscopeMiddleware(app)({}, noop_start_response)
+    assert not Session.registry.has()
+    assert sqlite_db.checkedout() == 0
+    assert sqlite_db.count_rows() == 0
+
+
+def test_list_bodies_stay_lists_and_file_wrappers_pass_through(Session: Scoped) -> None:
+    """Servers keep their fast paths: Content-Length for lists, sendfile for file wrappers."""
+
+    class FileWrapper:
+        def __init__(self) -> None:
+            self.closed = False
+
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"file"
+
+        def close(self) -> None:
+            self.closed = True
+
+    wrapper = FileWrapper()
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Any:
+        Session()
+        start_response("200 OK", [])
+        return environ["body"]
+
+    listed = GreenscopeMiddleware(app)({"body": [b"a"]}, noop_start_response)
+    assert isinstance(listed, list)
+    assert len(listed) == 1
+    listed.close()  # type: ignore[attr-defined]
+    assert not Session.registry.has()
+    environ = {"body": wrapper, "wsgi.file_wrapper": FileWrapper}
+    same = GreenscopeMiddleware(app)(environ, noop_start_response)
+    assert same is wrapper
+    same.close()
+    assert wrapper.closed
+    assert not Session.registry.has()
+
+
+def test_malformed_status_counts_as_a_failure(Session: Scoped, sqlite_db: CountingEngine) -> None:
+    """A status line the middleware cannot parse is treated as a server error: no commit."""
+    serve(GreenscopeMiddleware(writer(Session, ""), commit_on_success=True))
+    assert sqlite_db.count_rows() == 0
