@@ -166,7 +166,8 @@ def _run(
     port = loadgen.free_port()
     argv = [sys.executable, "-m", "gunicorn", "-c", str(DEPLOY / "gunicorn.conf.py")]
     argv += ["--chdir", str(DEPLOY), "-w", "1", "-k", worker, "-b", f"127.0.0.1:{port}"]
-    argv += ["--graceful-timeout", "10", "demo_app:app"]
+    # Keep idle keep-alive connections for a minute: the audit runs while they are open.
+    argv += ["--graceful-timeout", "10", "--keep-alive", "60", "demo_app:app"]
     backend = url.split(":", maxsplit=1)[0]
     print(f"{name}: gunicorn -k {worker} on 127.0.0.1:{port}, {backend}", file=sys.stderr)
     server = loadgen.Server(argv, port, env, workdir)
@@ -182,7 +183,7 @@ def _run(
             progress=_progress(name, total),
         )
         print(
-            f"  {name}: auditing (waiting up to 15 s for the server to settle) ...",
+            f"  {name}: auditing (waiting up to 5 s for the server to settle) ...",
             file=sys.stderr,
         )
         report = loadgen.audit(port, url, table, out, app_name=app_name)

@@ -219,7 +219,9 @@ def _forget(query: Query, start_response: StartResponse) -> Iterable[bytes]:
     session.add(Item(key=key, kind="forget"))
     if engine.dialect.name != "sqlite":
         session.flush()  # a real open transaction, idle while the client waits
-    return _respond(start_response, "200 OK", {"forgot": key})
+    with session.no_autoflush:  # a read: the Session now holds a pool connection
+        count = session.scalar(select(func.count()).select_from(Item))
+    return _respond(start_response, "200 OK", {"forgot": key, "count": count})
 
 
 def _stream_endpoint(query: Query, start_response: StartResponse) -> Iterable[bytes]:
