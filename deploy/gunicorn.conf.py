@@ -29,6 +29,7 @@ worker_connections = int(os.environ.get("GREENSCOPE_WORKER_CONNECTIONS", "100"))
 
 # Keep-alive: one greenlet serves many requests of a connection; greenscope removes the
 # Session after each request, so an idle connection holds no database connection.
+# Behind a load balancer, set this above the balancer's idle timeout.
 keepalive = 5
 
 timeout = 30  # a worker silent this long is killed (SIGABRT, then post_request runs)
@@ -40,9 +41,10 @@ max_requests_jitter = 1_000
 
 # preload_app = False (the default) is recommended: the app, its engines and its drivers
 # are then imported in each worker *after* gevent patched it. With preload_app = True
-# the app is imported in the unpatched master: import psycopg only after patching (or
-# it blocks the hub), and rely on the worker (or greenscope.gunicorn.post_fork) to
-# dispose of inherited pools with engine.dispose(close=False).
+# the app is imported in the unpatched master: create engines lazily, not at import
+# (create_engine imports psycopg, which then blocks the hub in every worker), and rely
+# on the worker (or greenscope.gunicorn.post_fork) to dispose of inherited pools with
+# engine.dispose(close=False).
 preload_app = False
 
 accesslog = os.environ.get("GREENSCOPE_ACCESSLOG")  # e.g. "-" for stdout

@@ -535,14 +535,16 @@ def wait_reaped(timeout: float | None = None) -> bool:
     return _cleanup.wait_idle(timeout, _death_pending)
 
 
-def close_all() -> int:
+def close_all(*, include_running: bool = True) -> int:
     """Close every value held by any registry of the process; return how many.
 
     For worker or process exit. Values of the calling thread are closed here, one by one
     (errors logged and counted, never raised); values owned by other threads are handed
-    to their owner's cleanup path. Owners that are still running lose their value: call
-    this only once they are done or no longer matter. Must be called from a greenlet,
-    not from inside the gevent hub.
+    to their owner's cleanup path. With ``include_running=False`` a value whose owner
+    greenlet is still running (other than the caller) is left alone: closing it would
+    wait for that greenlet's query to finish, and pull the Session from under it. The
+    gunicorn integration exits that way, so an immediate shutdown is not held up by
+    requests still in flight. Must be called from a greenlet, not from inside the hub.
 
     .. versionadded:: 0.1
     """
@@ -554,10 +556,13 @@ def close_all() -> int:
     me = _cleanup.get_ident()
     jobs: list[_Reap] = []
     total = 0
+    me_greenlet = getcurrent()
     for watch in list(_LIVE.values()):
+        g = watch.ref()
+        if not include_running and g is not None and not g.dead and g is not me_greenlet:
+            continue
         if _LIVE.pop(id(watch.ref), None) is None:
             continue
-        g = watch.ref()
         d = g.__dict__ if g is not None else {}
         values, watch.values = watch.values, {}
         for registry, value in values.items():

@@ -14,9 +14,11 @@ Two ways in:
 
   They remove the request greenlet's Sessions (from every request-scoped greenscope
   registry) after each request, once the response iterable is closed: also when the app
-  raises, when the client disconnects mid-stream, and when graceful shutdown kills the
-  request. ``GeventPyWSGIWorker`` covers gevent's pywsgi server, which calls no
-  ``post_request`` hook at all. Both also do what the hooks below do at fork and exit.
+  raises, when the client disconnects mid-stream, and when a shutdown the worker runs
+  itself (SIGHUP reload, ``max_requests``) kills a request that outlived
+  ``graceful_timeout``. ``GeventPyWSGIWorker`` covers gevent's pywsgi server, which
+  calls no ``post_request`` hook at all. Both also do what the hooks below do at fork
+  and exit.
 
 * Hooks, for the stock ``-k gevent`` worker, imported into *your* ``gunicorn.conf.py``
   (gunicorn loads one config file, so greenscope ships none that would replace yours)::
@@ -34,9 +36,12 @@ Two ways in:
   ``-k gevent_pywsgi`` calls no ``post_request``: use ``GeventPyWSGIWorker`` or
   :mod:`greenscope.wsgi` instead.
 
-What is not covered: SIGQUIT (immediate shutdown) and SIGKILL run no ``finally``; the
-database rolls back a dead connection's transaction. Registries with a custom
-``scopefunc`` are SQLAlchemy's and are not touched.
+What is not covered: SIGQUIT (immediate shutdown) and SIGKILL run no ``finally``, and
+on SIGTERM the master SIGKILLs workers that still run after ``graceful_timeout``: the
+database rolls back a dropped connection's transaction. Registries with a custom
+``scopefunc`` are SQLAlchemy's and are not touched. ``post_fork`` finds engines through
+each greenscope registry's sessionmaker (``bind=`` and ``binds=``); dispose of other
+engines yourself.
 
 .. versionadded:: 0.1
 """
@@ -109,13 +114,18 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """gunicorn hook: give the new worker fresh pools; forget the master's Sessions."""
+    """gunicorn hook: fresh pools for the engines bound to greenscope's sessionmakers."""
     _after_fork()
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """gunicorn hook: close every Session still open in the exiting worker."""
-    greenscope.close_all()
+    """gunicorn hook: close the Sessions left in the exiting worker.
+
+    Sessions of requests still running (an immediate shutdown, SIGQUIT) are left to the
+    database, which rolls back when the process goes: closing them would wait for
+    their queries and hold up the exit.
+    """
+    greenscope.close_all(include_running=False)
 
 
 class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is untyped
@@ -129,7 +139,7 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
         try:
             super().run()
         finally:
-            greenscope.close_all()
+            greenscope.close_all(include_running=False)  # see worker_exit
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         try:

@@ -248,3 +248,73 @@ def test_other_threads_values_are_not_closed_by_close_all_on_this_thread() -> No
     t.join(10)
     [close] = RecordingSession.closes
     assert close["thread"] != _cleanup.get_ident()
+
+
+def test_close_all_can_leave_running_owners_alone(db: CountingEngine) -> None:
+    """include_running=False closes finished owners' Sessions, never a running greenlet's."""
+    Session = scoped(db)
+    parked = Event()
+
+    def running() -> None:
+        Session.execute(text("SELECT 1"))
+        parked.wait()
+
+    finished = RawGreenlet(lambda: Session.execute(text("SELECT 2")))
+    finished.switch()  # a raw greenlet that ended, still referenced: not reaped yet
+    g = gevent.spawn(running)
+    gevent.sleep(0)
+    assert db.checkedout() == 2
+    assert greenscope.close_all(include_running=False) == 1
+    assert db.checkedout() == 1
+    parked.set()
+    g.join()
+    assert greenscope.wait_reaped(10)
+    assert db.checkedout() == 0
+
+
+def test_remove_current_touches_only_the_current_greenlet(
+    db: CountingEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Request-end removal closes this greenlet's Sessions in every registry, no one else's."""
+    first, second = scoped(db), scoped(db)
+    other_done = Event()
+
+    def other() -> None:
+        first.execute(text("SELECT 1"))
+        other_done.wait()
+
+    g = gevent.spawn(other)
+    gevent.sleep(0)
+    first.execute(text("SELECT 1"))
+    second.execute(text("SELECT 1"))
+    assert greenscope.current_sessions() == [first(), second()]
+    assert greenscope.remove_current() == 2
+    assert not first.registry.has()
+    assert not second.registry.has()
+    assert db.checkedout() == 1, "the other greenlet keeps its Session"
+    assert greenscope.remove_current() == 0
+    other_done.set()
+    g.join()
+
+
+def test_remove_current_clears_every_registry_even_if_a_close_fails(
+    db: CountingEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing close is logged and counted; the other registries are still removed."""
+
+    class Failing(orm.Session):
+        def close(self) -> None:
+            super().close()
+            raise RuntimeError("close failed")
+
+    broken = greenscope.scoped_session(sessionmaker(db.engine, class_=Failing))
+    fine = scoped(db)
+    broken()
+    fine.execute(text("SELECT 1"))
+    with caplog.at_level(logging.ERROR, logger="greenscope"):
+        assert greenscope.remove_current() == 2
+    assert not broken.registry.has()
+    assert not fine.registry.has()
+    assert broken.registry.stats().failed == 1  # type: ignore[attr-defined]
+    assert db.checkedout() == 0
+    assert any("close failed" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
