@@ -285,10 +285,13 @@ def bench_e2e(
                         _load(server.port, c, min(1.0, seconds))  # warm-up
                         samples[variant].append(_load(server.port, c, seconds))
                 for variant, runs in samples.items():
+                    rps = [r["rps"] for r in runs]
                     result = {
-                        "rps": statistics.median(r["rps"] for r in runs),
+                        "rps": statistics.median(rps),
                         "p99_ms": statistics.median(r["p99_ms"] for r in runs),
                         "errors": sum(r["errors"] for r in runs),
+                        # half the range of the repeats, relative to their median
+                        "spread": (max(rps) - min(rps)) / 2 / statistics.median(rps),
                     }
                     rows.append({"db": db, "concurrency": c, "variant": variant, **result})
                     print(
@@ -525,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{by[db, c, 'greenscope']['p99_ms']:.1f}",
                         f"{by[db, c, 'stock']['p99_ms']:.1f}",
                         f"{by[db, c, 'greenscope']['p99_ms'] / by[db, c, 'stock']['p99_ms']:.2f}x",
+                        f"±{100 * by[db, c, 'greenscope']['spread']:.0f}% / "
+                        f"±{100 * by[db, c, 'stock']['spread']:.0f}%",
                     )
                     for db, c, v in sorted(by)
                     if v == "greenscope"
@@ -538,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                     "p99 ms greenscope",
                     "p99 ms stock",
                     "ratio",
+                    "req/s spread of repeats",
                 ),
             )
         )
