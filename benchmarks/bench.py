@@ -266,13 +266,8 @@ def bench_e2e(
     rows = []
     for db, url in urls.items():
         table = f"bench_{uuid.uuid4().hex[:8]}"
-        env = {**os.environ, "DATABASE_URL": url, "GREENSCOPE_DEMO_TABLE": table}
-        env["PYTHONPATH"] = str(DEPLOY)
-        subprocess.run(
-            [sys.executable, "-c", "import demo_app; demo_app.create_schema()"],
-            env=env,
-            cwd=DEPLOY,
-            check=True,
+        loadgen.create_demo_schema(
+            {**os.environ, "DATABASE_URL": url, "GREENSCOPE_DEMO_TABLE": table}
         )
         servers = {}
         try:

@@ -21,7 +21,6 @@ import argparse
 import collections
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -92,16 +91,6 @@ def _progress(label: str, total: int) -> Any:
     return show
 
 
-def create_schema(env: dict[str, str]) -> None:
-    subprocess.run(
-        [sys.executable, "-c", "import demo_app; demo_app.create_schema()"],
-        env=env,
-        cwd=DEPLOY,
-        check=True,
-        timeout=60,
-    )
-
-
 def drop_table(url: str, table: str) -> None:
     from sqlalchemy import create_engine, text  # noqa: PLC0415 - after the runs only
 
@@ -123,7 +112,7 @@ def run(name: str, url: str, workdir: str, clients: int, rounds: int) -> dict[st
         "GREENSCOPE_DEMO_MODE": mode,
         "PYTHONPATH": str(DEPLOY),
     }
-    create_schema(env)
+    loadgen.create_demo_schema(env)
     try:
         return _run(
             name,

@@ -20,10 +20,12 @@ import json
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, text
@@ -252,6 +254,16 @@ def audit(
         "greenscope": stats["greenscope"],
         "mode": stats["mode"],
     }
+
+
+def create_demo_schema(env: dict[str, str]) -> None:
+    """Create the demo's table (DATABASE_URL, GREENSCOPE_DEMO_TABLE in ``env``)."""
+    subprocess.run(
+        [sys.executable, "-c", "import demo_app; demo_app.create_schema()"],
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parent)},
+        check=True,
+        timeout=60,
+    )
 
 
 def free_port() -> int:

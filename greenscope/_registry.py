@@ -227,23 +227,33 @@ class _Reap:
                 self.owner,
             )
         try:
-            registry._close(value)
-        except BaseException as exc:
-            registry._failed += 1
-            logger.error(
-                "greenscope: closing %s of %s failed; the value was dropped",
-                type(value).__name__,
-                self.owner,
-                exc_info=exc,
-            )
-            if self.reraise and not isinstance(exc, Exception):  # GreenletExit and the like
-                raise
+            exc = _close_counted(registry, value, f"of {self.owner}")
+            if exc is not None and self.reraise and not isinstance(exc, Exception):
+                raise exc  # GreenletExit and the like, to close_all()'s caller
         finally:
             self.value = None
             if self.orphan:
                 registry._reaped += 1
             else:
                 registry._removed += 1
+
+
+def _close_counted(
+    registry: GreenletRegistry[Any], value: Any, which: str
+) -> BaseException | None:
+    """Close ``value``; on failure log it with its traceback, count it, and return it."""
+    try:
+        registry._close(value)
+    except BaseException as exc:
+        registry._failed += 1
+        logger.error(
+            "greenscope: closing %s %s failed; it was dropped",
+            type(value).__name__,
+            which,
+            exc_info=exc,
+        )
+        return exc
+    return None
 
 
 def _close_value(value: Any) -> None:
@@ -479,15 +489,8 @@ def remove_current() -> int:
         if value is _MISSING:
             continue
         try:
-            registry._close(value)
-        except BaseException as exc:
-            registry._failed += 1
-            logger.error(
-                "greenscope: closing %s at the end of a request failed; it was dropped",
-                type(value).__name__,
-                exc_info=exc,
-            )
-            if fatal is None and not isinstance(exc, Exception):
+            exc = _close_counted(registry, value, "at the end of a request")
+            if fatal is None and exc is not None and not isinstance(exc, Exception):
                 fatal = exc
         finally:
             registry.clear()

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,24 @@ def pg_table() -> Iterator[tuple[str, str]]:
     with engine.begin() as conn:
         conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
     engine.dispose()
+
+
+def errors_in_hub(*funcs: Callable[[], object]) -> list[BaseException]:
+    """Call each of ``funcs`` inside the gevent hub; return the errors they raised."""
+    import gevent  # noqa: PLC0415 - only the gevent tests need it
+
+    errors: list[BaseException] = []
+
+    def in_hub() -> None:
+        for func in funcs:
+            try:
+                func()
+            except Exception as exc:
+                errors.append(exc)
+
+    gevent.get_hub().loop.run_callback(in_hub)
+    gevent.sleep(0)
+    return errors
 
 
 def run_scenario(code: str, *, env: dict[str, str] | None = None, timeout: float = 60) -> Any:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import sessionmaker
 
 import greenscope
 
-from conftest import CountingEngine, run_scenario
+from conftest import CountingEngine, errors_in_hub, run_scenario
 
 
 class GCWatch:
@@ -193,18 +193,9 @@ def test_forked_child_forgets_inherited_sessions_without_closing(tmp_path: Path)
 def test_the_hub_cannot_hold_a_session() -> None:
     """Creating a Session inside the hub raises an error that says where to do the work."""
     registry = greenscope.GreenletRegistry(object)
-    errors: list[BaseException] = []
-
-    def in_hub() -> None:
-        try:
-            registry()
-        except RuntimeError as exc:
-            errors.append(exc)
-
-    gevent.get_hub().loop.run_callback(in_hub)
-    gevent.sleep(0)
-    assert len(errors) == 1
-    assert "gevent.spawn" in str(errors[0])
+    [error] = errors_in_hub(registry)
+    assert isinstance(error, RuntimeError)
+    assert "gevent.spawn" in str(error)
     assert registry.stats().live == 0
 
 

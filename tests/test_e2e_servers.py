@@ -12,7 +12,6 @@ stored once and nothing from a failed or forgotten request.
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import threading
 import uuid
@@ -59,14 +58,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
         request.applymarker(pytest.mark.postgres)
         url = pg_url().replace("postgresql://", "postgresql+psycopg://")
     db = Database(url, table, f"greenscope-e2e-{uuid.uuid4().hex[:8]}")
-    env = demo_env(db, "greenscope")
-    subprocess.run(
-        [sys.executable, "-c", "import demo_app; demo_app.create_schema()"],
-        env=env,
-        cwd=DEPLOY,
-        check=True,
-        timeout=60,
-    )
+    loadgen.create_demo_schema(demo_env(db, "greenscope"))
     yield db
     if request.param == "postgres":
         from sqlalchemy import create_engine, text  # noqa: PLC0415

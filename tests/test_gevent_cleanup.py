@@ -19,7 +19,7 @@ from sqlalchemy.orm import sessionmaker
 import greenscope
 from greenscope import _cleanup
 
-from conftest import CountingEngine
+from conftest import CountingEngine, errors_in_hub
 
 
 class RecordingSession(orm.Session):
@@ -211,19 +211,9 @@ def test_close_all_closes_live_sessions(db: CountingEngine) -> None:
 
 def test_close_all_and_wait_refuse_to_run_in_the_hub() -> None:
     """Both do I/O or wait, so inside the hub they raise an error that says what to do."""
-    errors: list[BaseException] = []
-
-    def in_hub() -> None:
-        for func in (greenscope.close_all, greenscope.wait_reaped):
-            try:
-                func()
-            except RuntimeError as exc:
-                errors.append(exc)
-
-    gevent.get_hub().loop.run_callback(in_hub)
-    gevent.sleep(0)
+    errors = errors_in_hub(greenscope.close_all, greenscope.wait_reaped)
     assert len(errors) == 2
-    assert all("gevent.spawn" in str(e) for e in errors)
+    assert all(isinstance(e, RuntimeError) and "gevent.spawn" in str(e) for e in errors)
 
 
 def test_other_threads_values_are_not_closed_by_close_all_on_this_thread() -> None:
