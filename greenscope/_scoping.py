@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from greenlet import getcurrent
+from sqlalchemy import util as sa_util
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 
@@ -65,6 +66,22 @@ class scoped_session(_sa_scoped_session[_S]):
             except KeyError:
                 pass
         return self.registry()
+
+    def configure(self, **kwargs: Any) -> None:
+        """Reconfigure the ``sessionmaker``; warn if Sessions it cannot affect exist.
+
+        SQLAlchemy warns when the *current* scope has a ``Session``; with one scope per
+        greenlet that misses the Sessions other greenlets hold, which this change will
+        not reach either. This warns, with SQLAlchemy's message, when any greenlet holds
+        one.
+        """
+        registry = self.registry
+        if isinstance(registry, GreenletRegistry) and not registry.has() and registry.stats().live:
+            sa_util.warn(
+                "At least one scoped session is already present.  configure() can not "
+                "affect sessions that have already been created."
+            )
+        super().configure(**kwargs)
 
     def remove(self) -> None:
         """Close the current greenlet's ``Session``, if any, then forget it.

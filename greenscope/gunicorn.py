@@ -108,9 +108,11 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     """gunicorn hook: remove the finished request's Sessions.
 
     gunicorn runs it in the request's greenlet, after the response iterable's
-    ``close()``, also when the app raised or the client went away.
+    ``close()``, also when the app raised or the client went away. A kill during the
+    removal is swallowed as gunicorn's gevent worker does: on the HTTP/2 path a
+    ``GreenletExit`` would otherwise slip past gunicorn's ``except Exception``.
     """
-    greenscope.remove_current()
+    _end_request(worker.log)
 
 
 def post_fork(server: Any, worker: Any) -> None:

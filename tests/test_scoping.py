@@ -63,7 +63,7 @@ def test_every_public_attribute_of_sqlalchemy_is_there() -> None:
     theirs = {n for n in dir(sqlalchemy.orm.scoped_session) if not n.startswith("_")}
     ours = set(dir(greenscope.scoped_session))
     assert theirs <= ours
-    assert theirs & set(vars(greenscope.scoped_session)) == {"remove"}
+    assert theirs & set(vars(greenscope.scoped_session)) == {"configure", "remove"}
 
 
 def test_with_scopefunc_it_is_sqlalchemy(sqlite_db: CountingEngine) -> None:
@@ -145,6 +145,18 @@ def test_configure_after_a_session_exists_warns(
         Session.configure(autoflush=False)
     Session.remove()
     Session.configure(autoflush=True)  # no Session: no warning
+
+
+def test_configure_warns_about_other_greenlets_sessions(
+    Session: greenscope.scoped_session[sqlalchemy.orm.Session],
+) -> None:
+    """configure() also warns when another greenlet holds a Session it cannot affect."""
+    other = RawGreenlet(lambda: (Session(), getcurrent().parent.switch()))  # type: ignore[union-attr]
+    other.switch()  # holds its Session, suspended
+    assert not Session.registry.has()
+    with pytest.warns(exc.SAWarning, match="configure\\(\\) can not affect"):
+        Session.configure(autoflush=False)
+    other.throw(GreenletExit)
 
 
 def test_remove_closes_and_returns_the_connection(
