@@ -11,13 +11,16 @@ stored once and nothing from a failed or forgotten request.
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -234,3 +237,55 @@ def test_preload_workers_never_share_the_masters_connections(
     assert report["leaked"] == []
     assert log.count("Traceback") == log.count("RuntimeError: deliberate failure"), log
     assert code == 0, log
+
+
+def test_flask_example_under_gunicorn(tmp_path: Path) -> None:
+    """The Flask-SQLAlchemy example under greenscope's worker: writes, background greenlets."""
+    env = demo_env(Database(f"sqlite:///{tmp_path / 'flask.db'}", "notes", "flask"), "greenscope")
+    subprocess.run(
+        [sys.executable, "-c", "import flask_app; flask_app.create_schema()"],
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    port = loadgen.free_port()
+    argv = [sys.executable, "-m", "gunicorn", "--chdir", str(DEPLOY), "-w", "1"]
+    argv += ["-b", f"127.0.0.1:{port}", "-k", "greenscope.gunicorn.GeventWorker"]
+    server = loadgen.Server([*argv, "flask_app:app"], port, env, str(tmp_path))
+    try:
+        statuses: list[int] = []
+
+        def client(i: int) -> None:
+            c = loadgen.Client(port)
+            try:
+                for j in range(5):
+                    statuses.append(c.request("POST", f"/notes/c{i}-{j}")[0])
+            finally:
+                c.close()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        c = loadgen.Client(port)
+        try:
+            assert c.request("GET", "/notes/1")[0] == 200
+            assert c.request("GET", "/notes/100000")[0] == 404
+            stats: dict[str, Any] = {}
+            for _ in range(100):  # background greenlets may still be committing
+                stats = json.loads(c.request("GET", "/stats")[1])
+                if stats["notes"] == 100:
+                    break
+        finally:
+            c.close()
+    finally:
+        code = server.stop()
+    assert statuses == [201] * 50
+    assert stats["notes"] == 100
+    assert stats["checkedout"] == 0
+    sessions = stats["sessions"]  # read before /stats made its own Session
+    assert sessions["live"] == 0
+    assert sessions["created"] == sessions["removed"] + sessions["reaped"]
+    assert sessions["reaped"] == 0  # every Session was removed by a teardown
+    assert code == 0, server.log()

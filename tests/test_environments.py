@@ -108,3 +108,27 @@ def test_gunicorn_integration_without_gunicorn_says_what_to_install() -> None:
     assert set(result) == {"gunicorn", "gevent"}
     for message in result.values():
         assert "pip install 'greenscope[gunicorn]'" in message
+
+
+def test_flask_integration_without_flask_says_what_to_install() -> None:
+    """greenscope.flask names the extra to install when Flask or Flask-SQLAlchemy is missing."""
+    result = run_scenario(
+        """
+        import json, sys
+        sys.modules["flask"] = None
+        try:
+            import greenscope.flask
+        except ImportError as exc:
+            without_flask = str(exc)
+        del sys.modules["flask"]
+        sys.modules["flask_sqlalchemy"] = None
+        from greenscope.flask import SQLAlchemy, remove_at_teardown  # plain Flask still works
+        try:
+            SQLAlchemy()
+        except ImportError as exc:
+            without_extension = str(exc)
+        print(json.dumps([without_flask, without_extension]))
+        """
+    )
+    for message in result:
+        assert "pip install 'greenscope[flask]'" in message

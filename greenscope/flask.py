@@ -1,0 +1,227 @@
+"""Flask and Flask-SQLAlchemy: greenscope's guarantees for ``db.session``, in one line.
+
+Flask-SQLAlchemy 3.x::
+
+    from greenscope.flask import SQLAlchemy   # was: from flask_sqlalchemy import SQLAlchemy
+
+    db = SQLAlchemy(app)
+
+Plain Flask with a :class:`greenscope.scoped_session`::
+
+    from greenscope.flask import remove_at_teardown
+
+    remove_at_teardown(app, Session)
+
+Flask-SQLAlchemy 3 keys ``db.session`` on ``id()`` of the current app context and
+removes it in ``teardown_appcontext``. That leaves the gaps greenscope closes: an app
+context pushed in a greenlet that ends without popping it (a background job, a spawned
+greenlet) keeps its Session and connection until garbage collection, and a new context
+that reuses a dead one's ``id()`` is handed its stale Session. Here ``db.session`` is
+keyed on the current greenlet *and* the current app context (checked by identity, held
+by weak reference): every app context still gets its own Session, as in
+Flask-SQLAlchemy, and when a greenlet ends, the Sessions of every context it left
+behind are closed (rolled back) by greenscope's reaper. Everything else is
+Flask-SQLAlchemy's: models, ``Model.query``, ``db.paginate``, ``db.get_or_404``, binds,
+removal at ``teardown_appcontext``.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+try:
+    import flask
+    from flask.globals import app_ctx
+except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError(
+        "greenscope.flask needs Flask (and Flask-SQLAlchemy for its SQLAlchemy class); "
+        "install them with: pip install 'greenscope[flask]'"
+    ) from exc
+
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import scoped_session as _sa_scoped_session
+from sqlalchemy.util import ScopedRegistry
+
+from greenscope._registry import GreenletRegistry, RegistryStats
+from greenscope._scoping import scoped_session
+
+__all__ = ["AppContextRegistry", "SQLAlchemy", "remove_at_teardown"]
+
+logger = logging.getLogger("greenscope")
+
+
+def _current_app_context() -> Any:
+    # Outside an app context this raises Flask's own "Working outside of application
+    # context" RuntimeError, exactly as Flask-SQLAlchemy's scope function does.
+    return app_ctx._get_current_object()  # type: ignore[attr-defined]
+
+
+class AppContextSessions:
+    """One greenlet's Sessions: app context id -> (weakref to the context, Session)."""
+
+    __slots__ = ("entries", "registry")
+
+    def __init__(self, registry: AppContextRegistry) -> None:
+        self.registry = registry
+        self.entries: dict[int, tuple[weakref.ref[Any], Session]] = {}
+
+    def close(self) -> None:
+        """Close every Session left: the greenlet ended or its request did."""
+        entries, self.entries = self.entries, {}
+        for _, session in entries.values():
+            self.registry._live -= 1
+            self.registry._reaped += 1
+            try:
+                session.close()
+            except Exception:
+                self.registry._failed += 1
+                logger.exception("greenscope: closing a Flask-SQLAlchemy Session failed")
+
+
+class AppContextRegistry(ScopedRegistry[Session]):
+    """SQLAlchemy's registry protocol keyed on (current greenlet, current app context).
+
+    Per greenlet the Sessions live in a :class:`GreenletRegistry` value, so a greenlet's
+    Sessions are closed when it ends; within it, the app context is checked by identity,
+    so a context reusing a dead one's ``id()`` gets a new Session (the dead one's is
+    closed on the spot).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_created",
+        "_failed",
+        "_greenlets",
+        "_live",
+        "_reaped",
+        "_removed",
+    )
+
+    def __init__(self, createfunc: Callable[[], Session]) -> None:
+        self.createfunc = createfunc
+        self.scopefunc = _current_app_context
+        self._greenlets: GreenletRegistry[AppContextSessions] = GreenletRegistry(
+            lambda: AppContextSessions(self), close=AppContextSessions.close
+        )
+        self._created = self._removed = self._reaped = self._failed = self._live = 0
+
+    def _entry(self, create: bool) -> tuple[AppContextSessions | None, Any, Session | None]:
+        ctx = _current_app_context()
+        if not create and not self._greenlets.has():
+            return None, ctx, None  # never create a container just to look
+        sessions = self._greenlets()
+        entry = sessions.entries.get(id(ctx))
+        if entry is None:
+            return sessions, ctx, None
+        ref, session = entry
+        if ref() is ctx:
+            return sessions, ctx, session
+        # A dead context's Session under a reused id: never hand it out; close it here
+        # (this is its own greenlet, where blocking is allowed).
+        del sessions.entries[id(ctx)]
+        self._live -= 1
+        self._reaped += 1
+        try:
+            session.close()
+        except Exception:
+            self._failed += 1
+            logger.exception("greenscope: closing a dead app context's Session failed")
+        return sessions, ctx, None
+
+    def __call__(self) -> Session:
+        sessions, ctx, session = self._entry(create=True)
+        if session is None:
+            session = self.createfunc()
+            assert sessions is not None
+            self._store(sessions, ctx, session)
+        return session
+
+    def has(self) -> bool:
+        return self._entry(create=False)[2] is not None
+
+    def set(self, obj: Session) -> None:
+        sessions, ctx, old = self._entry(create=True)
+        assert sessions is not None
+        if old is not None:
+            self._live -= 1
+            self._removed += 1
+        self._store(sessions, ctx, obj)
+
+    def _store(self, sessions: AppContextSessions, ctx: Any, session: Session) -> None:
+        sessions.entries[id(ctx)] = (weakref.ref(ctx), session)
+        self._created += 1
+        self._live += 1
+
+    def clear(self) -> None:
+        sessions, ctx, session = self._entry(create=False)
+        if sessions is None:
+            return
+        if session is not None:
+            del sessions.entries[id(ctx)]
+            self._live -= 1
+            self._removed += 1
+        if not sessions.entries:
+            self._greenlets.clear()
+
+    def stats(self) -> RegistryStats:
+        """Counters of Sessions (not of greenlets); see :class:`greenscope.RegistryStats`."""
+        return RegistryStats(self._created, self._removed, self._reaped, self._failed, self._live)
+
+
+def _app_context_scoped_session(factory: sessionmaker[Any]) -> scoped_session[Any]:
+    session: scoped_session[Any] = scoped_session(factory, scopefunc=_current_app_context)
+    session.registry = AppContextRegistry(factory)
+    return session
+
+
+class _FlaskSQLAlchemyMissing:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise ImportError(
+            "greenscope.flask.SQLAlchemy needs Flask-SQLAlchemy 3: pip install 'greenscope[flask]'"
+        )
+
+
+_base: Any
+try:
+    import flask_sqlalchemy
+
+    _base = flask_sqlalchemy.SQLAlchemy
+except ImportError:  # plain Flask users only need remove_at_teardown
+    _base = _FlaskSQLAlchemyMissing
+
+
+class SQLAlchemy(_base):
+    """Flask-SQLAlchemy's extension with ``db.session`` backed by greenscope.
+
+    A ``scopefunc`` in ``session_options`` is honoured as in Flask-SQLAlchemy (and then
+    greenscope's per-greenlet scoping does not apply).
+    """
+
+    def _make_scoped_session(self, options: dict[str, Any]) -> _sa_scoped_session[Any]:
+        scope = options.pop("scopefunc", None)
+        factory = self._make_session_factory(options)
+        if scope is not None:
+            return scoped_session(factory, scope)
+        return _app_context_scoped_session(factory)
+
+
+def remove_at_teardown(app: flask.Flask, session: _sa_scoped_session[Any]) -> None:
+    """Remove ``session``'s current Session whenever an app context of ``app`` ends.
+
+    For plain Flask apps using :class:`greenscope.scoped_session` directly; Flask runs
+    ``teardown_appcontext`` after the request, also when it failed.
+    """
+    if not isinstance(session, _sa_scoped_session):
+        raise TypeError(
+            "remove_at_teardown(app, session) takes the scoped_session you call to get the "
+            f"current Session, not {type(session).__name__}"
+        )
+
+    @app.teardown_appcontext
+    def _remove_session(exc: BaseException | None) -> None:
+        session.remove()
