@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,36 @@ def test_two_hundred_concurrent_requests_with_background_writes(
         "foreign": 0,
         "live": 0,
     }
+
+
+def test_a_reused_app_context_id_never_gets_the_dead_contexts_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If a dead context's id comes back, its Session is closed, never handed out."""
+    import greenscope.flask as gflask  # noqa: PLC0415
+
+    class Ctx:  # stands in for Flask's AppContext: weakly referenceable
+        pass
+
+    closed: list[object] = []
+
+    class Recording:
+        def close(self) -> None:
+            closed.append(self)
+
+    registry = AppContextRegistry(Recording)  # type: ignore[arg-type]
+    current = [Ctx()]
+    monkeypatch.setattr(gflask, "_current_app_context", lambda: current[0])
+    stale = registry()
+    # What id() reuse looks like from the registry: the entry for the current id now
+    # points to a context object that is gone.
+    dead = Ctx()
+    sessions = registry._greenlets()
+    sessions.entries[id(current[0])] = (weakref.ref(dead), stale)
+    del dead
+    fresh = registry()
+    assert fresh is not stale
+    assert closed == [stale]
+    assert registry.stats() == greenscope.RegistryStats(created=2, reaped=1, live=1)
+    registry.clear()
+    assert registry.stats().live == 0
