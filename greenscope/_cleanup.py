@@ -247,8 +247,7 @@ def prepare() -> None:
     freed), so it is started here, in ordinary code, keeping thread creation out of
     callbacks. Cost after the first call: one attribute check.
     """
-    if not _thread_reaper.started:
-        _thread_reaper.ensure_started()
+    _thread_reaper.ensure_started()
 
 
 def _after_fork_in_child() -> None:
@@ -296,15 +295,12 @@ def wait_idle(timeout: float | None = None, busy: Callable[[], bool] = lambda: F
             "call it from a greenlet, e.g. gevent.spawn(greenscope.wait_reaped).join()"
         )
     deadline = None if timeout is None else time.monotonic() + timeout
-    hub = hub_if_exists()
+    # With a hub (which implies gevent), yield to it: it runs the reaper and completions.
+    sleep = _gevent_sleep if hub_if_exists() is not None and _gevent_sleep else time.sleep
     while True:
-        if hub is not None and _gevent_sleep is not None:
-            _gevent_sleep(0)  # let the hub run callbacks already queued (completions)
+        sleep(0)  # with gevent: let the hub run callbacks already queued (completions)
         if _pending.count <= 0 and not busy():
             return True
         if deadline is not None and time.monotonic() >= deadline:
             return False
-        if hub is not None and _gevent_sleep is not None:
-            _gevent_sleep(0.001)
-        else:
-            time.sleep(0.001)
+        sleep(0.001)

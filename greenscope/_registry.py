@@ -172,20 +172,30 @@ class _Watch:
             self.how = " (finished)"
         if logger.isEnabledFor(logging.WARNING):  # gevent makes Greenlet.name lazily: costly
             self.name = g.name
-        d = g.__dict__
-        for registry in self.values:
-            d.pop(registry._key, None)
         self.detach()
+
+    def owner_hub(self) -> Any | None:
+        return self.hub() if self.hub is not None else None
+
+    def take(self) -> dict[GreenletRegistry[Any], Any]:
+        """Unregister every value (from ``_LIVE``, the registries and the greenlet's dict
+        while it exists) and return them; empty if another caller took them first.
+        Any context: dict and set operations only."""
+        if _LIVE.pop(id(self.ref), None) is None:
+            return {}
+        values, self.values = self.values, {}
+        g = self.ref()
+        d = g.__dict__ if g is not None else {}
+        for registry in values:
+            registry._owners.discard(self)
+            d.pop(registry._key, None)
+        return values
 
     def detach(self) -> None:
         """Hand every value to cleanup. Only for a dead owner; any context; idempotent."""
-        if _LIVE.pop(id(self.ref), None) is None:
-            return
-        values, self.values = self.values, {}
-        for registry, value in values.items():
-            registry._owners.discard(self)
+        for registry, value in self.take().items():
             job = _Reap(registry, value, self.owner, True)
-            _cleanup.submit(job, self.thread, self.hub() if self.hub is not None else None)
+            _cleanup.submit(job, self.thread, self.owner_hub())
 
 
 def _owner_freed(ref: weakref.ref[RawGreenlet]) -> None:
@@ -424,14 +434,8 @@ def stats() -> RegistryStats:
 def _forget_inherited() -> None:
     """In a forked child: forget, never close, every value inherited from the parent."""
     for watch in list(_LIVE.values()):
-        g = watch.ref()
-        d = g.__dict__ if g is not None else {}
-        for registry in watch.values:
-            d.pop(registry._key, None)
-            registry._owners.discard(watch)
+        for registry in watch.take():
             registry._removed += 1
-        watch.values = {}
-    _LIVE.clear()
 
 
 os.register_at_fork(after_in_child=_forget_inherited)
@@ -564,19 +568,13 @@ def close_all(*, include_running: bool = True) -> int:
         g = watch.ref()
         if not include_running and g is not None and not g.dead and g is not me_greenlet:
             continue
-        if _LIVE.pop(id(watch.ref), None) is None:
-            continue
-        d = g.__dict__ if g is not None else {}
-        values, watch.values = watch.values, {}
-        for registry, value in values.items():
-            d.pop(registry._key, None)
-            registry._owners.discard(watch)
+        for registry, value in watch.take().items():
             job = _Reap(registry, value, watch.owner, False, reraise=True)
             total += 1
             if watch.thread == me:
                 jobs.append(job)
             else:
-                _cleanup.submit(job, watch.thread, watch.hub() if watch.hub is not None else None)
+                _cleanup.submit(job, watch.thread, watch.owner_hub())
     for i, job in enumerate(jobs):
         try:
             job()  # logs and counts its own failure; only re-raises GreenletExit and the like

@@ -74,13 +74,7 @@ class AppContextSessions:
         """Close every Session left: the greenlet ended or its request did."""
         entries, self.entries = self.entries, {}
         for _, session in entries.values():
-            self.registry._live -= 1
-            self.registry._reaped += 1
-            try:
-                session.close()
-            except Exception:
-                self.registry._failed += 1
-                logger.exception("greenscope: closing a Flask-SQLAlchemy Session failed")
+            self.registry._reap(session)
 
 
 class AppContextRegistry(ScopedRegistry[Session]):
@@ -124,14 +118,18 @@ class AppContextRegistry(ScopedRegistry[Session]):
         # A dead context's Session under a reused id: never hand it out; close it here
         # (this is its own greenlet, where blocking is allowed).
         del sessions.entries[id(ctx)]
+        self._reap(session)
+        return sessions, ctx, None
+
+    def _reap(self, session: Session) -> None:
+        """Close a Session whose app context or greenlet is gone; log, never raise."""
         self._live -= 1
         self._reaped += 1
         try:
             session.close()
         except Exception:
             self._failed += 1
-            logger.exception("greenscope: closing a dead app context's Session failed")
-        return sessions, ctx, None
+            logger.exception("greenscope: closing a Flask-SQLAlchemy Session failed")
 
     def __call__(self) -> Session:
         sessions, ctx, session = self._entry(create=True)
