@@ -4,6 +4,7 @@ The public API is exactly ``__all__``; every other module whose name starts with
 private and may change without notice.
 """
 
+from greenscope._debug import set_debug
 from greenscope._registry import (
     GreenletRegistry,
     RegistryStats,
@@ -25,6 +26,7 @@ __all__ = [
     "remove_current",
     "scoped_session",
     "session_scope",
+    "set_debug",
     "stats",
     "wait_reaped",
 ]

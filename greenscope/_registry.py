@@ -47,7 +47,7 @@ from greenlet import getcurrent
 from greenlet import greenlet as RawGreenlet
 from sqlalchemy.util import ScopedRegistry
 
-from greenscope import _cleanup
+from greenscope import _cleanup, _debug
 
 __all__ = [
     "GreenletRegistry",
@@ -315,6 +315,7 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         "_owners",
         "_reaped",
         "_removed",
+        "_shut_down",
         "request_scoped",
     )
 
@@ -337,6 +338,7 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         self._key = f"greenscope:{next(_keys)}"
         self._owners: set[_Watch] = set()
         self._created = self._removed = self._reaped = self._failed = 0
+        self._shut_down = False
         self.request_scoped = True
         _REGISTRIES.add(self)
 
@@ -355,6 +357,7 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
     # -- the slow paths -----------------------------------------------------------------
 
     def _create(self) -> _T:
+        self._check_open()
         value = self.createfunc()  # first: if it raises, nothing is registered
         d = getcurrent().__dict__
         if self._key in d:  # createfunc itself used the registry
@@ -364,9 +367,20 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
 
     def set(self, obj: _T) -> None:
         """Store ``obj`` for the current greenlet, replacing (not closing) any value."""
+        self._check_open()
         if self._key in getcurrent().__dict__:
             self._removed += 1
         self._store(obj)
+
+    def _check_open(self) -> None:
+        if self._shut_down:
+            raise RuntimeError(
+                f"greenscope: {self!r} was shut down by greenscope.close_all() (worker or "
+                "process exit): a Session made now would never be closed, and would hold "
+                "its connection until the process ends. Finish database work before "
+                "calling close_all(); to go on using the registry (a test suite's "
+                "teardown), call greenscope.close_all(shutdown=False) instead."
+            )
 
     def _store(self, value: _T) -> None:
         g = getcurrent()
@@ -381,6 +395,8 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
                 )
             watch = d[_WATCH_KEY] = _Watch(g)
         d[self._key] = value
+        if _debug.active:
+            _debug.tag(value, g)
         watch.values[self] = value
         _LIVE[id(watch.ref)] = watch
         self._owners.add(watch)
@@ -398,6 +414,11 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
             self._owners.discard(watch)
             if not watch.values:
                 _LIVE.pop(id(watch.ref), None)
+
+    @property
+    def shut_down(self) -> bool:
+        """True once :func:`close_all` shut this registry down: it makes no new values."""
+        return self._shut_down
 
     # -- observability ------------------------------------------------------------------
 
@@ -542,10 +563,14 @@ def wait_reaped(timeout: float | None = None) -> bool:
     return _cleanup.wait_idle(timeout, _death_pending)
 
 
-def close_all(*, include_running: bool = True) -> int:
+def close_all(*, include_running: bool = True, shutdown: bool = True) -> int:
     """Close every value held by any registry of the process; return how many.
 
-    For worker or process exit. Values of the calling thread are closed here, one by one
+    For worker or process exit: with ``shutdown=True`` (the default) every registry is
+    also shut down, and making a new value in one raises :class:`RuntimeError`, since
+    nothing would close it any more. ``shutdown=False`` closes the values and leaves the
+    registries usable: for a test suite's teardown. Registries created later are not
+    affected. Values of the calling thread are closed here, one by one
     (errors logged and counted, never raised); values owned by other threads are handed
     to their owner's cleanup path. With ``include_running=False`` a value whose owner
     greenlet is still running (other than the caller) is left alone: closing it would
@@ -560,6 +585,9 @@ def close_all(*, include_running: bool = True) -> int:
             "greenscope.close_all() does I/O and cannot run inside the gevent hub; "
             "call it from a greenlet, e.g. gevent.spawn(greenscope.close_all).join()"
         )
+    if shutdown:
+        for registry in registries():
+            registry._shut_down = True
     me = _cleanup.get_ident()
     jobs: list[_Reap] = []
     total = 0

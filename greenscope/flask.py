@@ -43,10 +43,12 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "install them with: pip install 'greenscope[flask]'"
     ) from exc
 
+from greenlet import getcurrent
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 from sqlalchemy.util import ScopedRegistry
 
+from greenscope import _debug
 from greenscope._registry import GreenletRegistry, RegistryStats
 from greenscope._scoping import scoped_session
 
@@ -134,6 +136,7 @@ class AppContextRegistry(ScopedRegistry[Session]):
     def __call__(self) -> Session:
         sessions, ctx, session = self._entry(create=True)
         if session is None:
+            self._greenlets._check_open()  # shut down by close_all(): refuse, as it does
             session = self.createfunc()
             assert sessions is not None
             self._store(sessions, ctx, session)
@@ -143,6 +146,7 @@ class AppContextRegistry(ScopedRegistry[Session]):
         return self._entry(create=False)[2] is not None
 
     def set(self, obj: Session) -> None:
+        self._greenlets._check_open()
         sessions, ctx, old = self._entry(create=True)
         assert sessions is not None
         if old is not None:
@@ -152,6 +156,8 @@ class AppContextRegistry(ScopedRegistry[Session]):
 
     def _store(self, sessions: AppContextSessions, ctx: Any, session: Session) -> None:
         sessions.entries[id(ctx)] = (weakref.ref(ctx), session)
+        if _debug.active:
+            _debug.tag(session, getcurrent())
         self._created += 1
         self._live += 1
 

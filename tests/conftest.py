@@ -30,7 +30,7 @@ def _isolate_registries() -> Iterator[None]:
     """Leave no value of one test to the next: wait for the reaper, then close the rest."""
     yield
     assert greenscope.wait_reaped(10), "the reaper did not finish within 10 s"
-    greenscope.close_all()
+    greenscope.close_all(shutdown=False)
 
 
 class CountingEngine:
@@ -64,7 +64,7 @@ def sqlite_db(tmp_path: Path) -> Iterator[CountingEngine]:
     # Sessions still open return their connections first: dispose() only closes the
     # connections that are checked in (Python 3.13 warns about any left unclosed).
     greenscope.wait_reaped(10)
-    greenscope.close_all()
+    greenscope.close_all(shutdown=False)
     engine.dispose()
 
 
