@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gevent
 import pytest
@@ -41,12 +41,13 @@ def debug() -> Iterator[None]:
     greenscope.set_debug(previous)
 
 
-def _in_greenlet(func: object) -> BaseException | None:
+def _in_greenlet(func: Callable[[], object]) -> BaseException | None:
     """Run ``func`` in a new greenlet; return what it raised."""
-    g = gevent.spawn(func)  # type: ignore[arg-type]
+    g = gevent.spawn(func)
     g.join(10)
     assert g.ready()
-    return g.exception
+    error: BaseException | None = g.exception
+    return error
 
 
 # -- a Session used from a greenlet other than its owner (debug mode) ------------------
