@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import operator
 import os
 import sys
 import weakref
@@ -45,6 +46,8 @@ from typing import Any, Generic, TypeVar
 
 from greenlet import getcurrent
 from greenlet import greenlet as RawGreenlet
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
 from greenscope import _cleanup, _debug
@@ -253,17 +256,53 @@ def _close_counted(
 ) -> BaseException | None:
     """Close ``value``; on failure log it with its traceback, count it, and return it."""
     try:
-        registry._close(value)
+        close_or_release(value, registry._close)
     except BaseException as exc:
         registry._failed += 1
         logger.error(
-            "greenscope: closing %s %s failed; it was dropped",
+            "greenscope: closing %s %s failed; its connections were invalidated and it "
+            "was dropped",
             type(value).__name__,
             which,
             exc_info=exc,
         )
         return exc
     return None
+
+
+_CLOSE = operator.methodcaller("close")  # value.close(), whatever its class overrides
+
+
+def close_or_release(value: Any, close: Callable[[Any], object]) -> None:
+    """``close(value)``; if that raises, invalidate the connections ``value`` held first.
+
+    A ``Session`` whose rollback fails part-way forgets its transaction but leaves the
+    connection checked out; dropped, it then sits in a reference cycle until the cyclic
+    GC, whose rollback may run in the hub and fail with ``BlockingSwitchOutError``
+    (gevent#1937): the very leak greenscope exists to prevent. Invalidating closes the
+    connections without a round trip and returns them to the pool at once, which opens
+    fresh ones as needed. The error is re-raised.
+    """
+    held = _held_connections(value)
+    try:
+        close(value)
+    except BaseException:
+        for conn in held:
+            if not conn.closed and not conn.invalidated:
+                try:
+                    conn.invalidate()
+                except Exception:
+                    logger.exception("greenscope: invalidating a connection failed too")
+        raise
+
+
+def _held_connections(value: Any) -> list[Connection]:
+    if not isinstance(value, Session):
+        return []
+    tx = value.get_transaction()
+    # Private, but stable across SQLAlchemy 2.0 and 2.1: bind -> (Connection, ...).
+    entries = getattr(tx, "_connections", None) or {}
+    return list({id(entry[0]): entry[0] for entry in entries.values()}.values())
 
 
 def _close_value(value: Any) -> None:
@@ -453,10 +492,32 @@ def stats() -> RegistryStats:
 
 
 def _forget_inherited() -> None:
-    """In a forked child: forget, never close, every value inherited from the parent."""
+    """In a forked child: forget, never close, every value inherited from the parent.
+
+    Forgetting is not enough: dropped, an inherited ``Session`` would be freed by the
+    child's cyclic GC (or at its exit), and SQLAlchemy's pool rolls back a checked-out
+    connection it finds garbage, on a socket (or SQLite file) the parent still uses:
+    the parent's transaction would be rolled back or its journal replayed under it.
+    So the values are kept, never freed and never finalized, for the child's lifetime.
+    """
+    kept: list[Any] = []
     for watch in list(_LIVE.values()):
-        for registry in watch.take():
+        values = watch.take()
+        for registry in values:
             registry._removed += 1
+        kept.extend(values.values())
+    if kept:
+        _INHERITED.append(kept)
+        try:  # a reference nothing drops: not even interpreter shutdown frees them
+            import ctypes  # noqa: PLC0415 - only in a child that inherited values
+
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(kept))
+        except Exception:  # no ctypes (some embedded builds): kept until shutdown only
+            logger.debug("greenscope: could not pin inherited values", exc_info=True)
+
+
+# Values inherited across fork(), never to be touched (see _forget_inherited).
+_INHERITED: list[list[Any]] = []
 
 
 os.register_at_fork(after_in_child=_forget_inherited)

@@ -13,7 +13,7 @@ from sqlalchemy import util as sa_util
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 
-from greenscope._registry import GreenletRegistry
+from greenscope._registry import _CLOSE, GreenletRegistry, close_or_release
 
 __all__ = ["scoped_session", "session_scope"]
 
@@ -88,12 +88,13 @@ class scoped_session(_sa_scoped_session[_S]):
 
         The transaction is rolled back and the connection returned to the pool. The
         ``Session`` is forgotten even if ``close()`` raises (the error propagates), so
-        the next call makes a fresh one. SQLAlchemy's own ``remove()`` has no
-        ``try/finally`` and would hand out the half-closed ``Session`` again.
+        the next call makes a fresh one, and its connections are then invalidated, so
+        none stays checked out until garbage collection. SQLAlchemy's own ``remove()``
+        has no ``try/finally`` and would hand out the half-closed ``Session`` again.
         """
         try:
             if self.registry.has():
-                self.registry().close()
+                close_or_release(self.registry(), _CLOSE)
         except BaseException:
             if isinstance(self.registry, GreenletRegistry):
                 self.registry._failed += 1

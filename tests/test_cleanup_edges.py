@@ -142,10 +142,10 @@ def test_jobs_of_a_destroyed_hub_are_rescued(sqlite_db: CountingEngine) -> None:
 
 
 def test_forked_child_forgets_inherited_sessions_without_closing(tmp_path: Path) -> None:
-    """After fork the child never closes (rolls back) a Session its parent still uses."""
+    """After fork the child never closes, nor lets GC roll back, a Session the parent uses."""
     result = run_scenario(
         f"""
-        import json, os
+        import gc, json, os, sys
         from sqlalchemy import create_engine, text
         from sqlalchemy.orm import Session as BaseSession, sessionmaker
         import greenscope
@@ -171,9 +171,10 @@ def test_forked_child_forgets_inherited_sessions_without_closing(tmp_path: Path)
                 "has": Session.registry.has(),
                 "closed_all": greenscope.close_all(),
             }}
+            gc.collect()  # dropped, the inherited Session's connection would roll back now
             with open(marker + ".json", "w") as f:
                 json.dump(child, f)
-            os._exit(0)
+            sys.exit(0)  # a normal exit, finalization included
         os.waitpid(pid, 0)
         Session.commit()
         rows = Session.execute(text("SELECT count(*) FROM t")).scalar_one()
@@ -218,3 +219,48 @@ def test_remove_counts_a_failing_close(sqlite_db: CountingEngine) -> None:
     with pytest.raises(RuntimeError):
         Session.remove()
     assert Session.registry.stats() == greenscope.RegistryStats(created=1, removed=1, failed=1)  # type: ignore[attr-defined]
+
+
+class _FailingRollbackOnce:
+    """An engine listener whose first rollback raises, as a dying connection's can."""
+
+    def __init__(self) -> None:
+        self.armed = True
+
+    def __call__(self, conn: Any) -> None:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("rollback failed")
+
+
+@pytest.mark.parametrize("how", ["remove", "remove_current", "orphan"])
+def test_a_failed_close_returns_the_connection_at_once(
+    sqlite_db: CountingEngine, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A close that raises part-way still frees the pool slot, without waiting for GC."""
+    from sqlalchemy import event  # noqa: PLC0415 - only this test listens
+
+    event.listen(sqlite_db.engine, "rollback", _FailingRollbackOnce())
+    Session = greenscope.scoped_session(sessionmaker(sqlite_db.engine))
+    gc.disable()  # a GC pass would return the connection too, and hide a leak
+    try:
+        if how == "remove":
+            Session.execute(text("SELECT 1"))
+            with pytest.raises(RuntimeError, match="rollback failed"):
+                Session.remove()
+        elif how == "remove_current":
+            Session.execute(text("SELECT 1"))
+            with caplog.at_level(logging.ERROR, logger="greenscope"):
+                assert greenscope.remove_current() == 1
+        else:
+            gevent.spawn(lambda: Session.execute(text("SELECT 1"))).join()
+            with caplog.at_level(logging.ERROR, logger="greenscope"):
+                assert greenscope.wait_reaped(10)
+        assert sqlite_db.checkedout() == 0
+    finally:
+        gc.enable()
+    stats = Session.registry.stats()  # type: ignore[attr-defined]
+    assert stats.failed == 1
+    assert stats.live == 0
+    assert Session.execute(text("SELECT 1")).scalar_one() == 1  # the pool opens a fresh one
+    Session.remove()
