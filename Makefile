@@ -3,6 +3,8 @@
 #            PostgreSQL tests run when GREENSCOPE_TEST_PG_URL is set.
 # make demo: the demo service under a real gunicorn, with and without greenscope.
 # make bench: benchmarks against SQLAlchemy's registries (a table, JSON and an SVG chart).
+# make soak: 50,000 requests with faults on PostgreSQL, then an audit (SOAK_ARGS=--quick:
+#            the reduced run CI makes). DATABASE_URL selects the database.
 
 # `python3.X` if it runs, else pyenv's 3.X if installed, else nothing.
 find_python = $(shell \
@@ -16,7 +18,7 @@ VENV_SA20 := .venv-sa20
 PIP_FLAGS := --quiet --disable-pip-version-check
 VERSIONS := 'import sys, sqlalchemy, gevent; print("== Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "gevent", gevent.__version__)'
 
-.PHONY: test lint pytest pytest-sa20 demo bench clean
+.PHONY: test lint pytest pytest-sa20 demo bench soak clean
 
 test: lint pytest pytest-sa20
 
@@ -50,6 +52,9 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/bench.py
+
+soak: $(VENV)/.installed
+	$(VENV)/bin/python deploy/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_SA20) .mypy_cache .ruff_cache .pytest_cache *.egg-info

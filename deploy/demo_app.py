@@ -14,6 +14,9 @@ Environment:
     greenscope replaces, to show what goes wrong.
 ``GREENSCOPE_DEMO_TABLE``
     table name; default ``demo_items``. Create it with :func:`create_schema` first.
+``GREENSCOPE_DEMO_APP_NAME``
+    PostgreSQL ``application_name`` of the engine's connections (default ``demo``);
+    ``{pid}`` in it is replaced by the worker's process id, to tell workers apart.
 ``GREENSCOPE_DEMO_POOL_SIZE``, ``GREENSCOPE_DEMO_MAX_OVERFLOW``
     the engine's pool; default 20 and 80 (for ``worker_connections = 100``).
 ``GREENSCOPE_DEMO_IMPORT_QUERY``
@@ -22,12 +25,18 @@ Environment:
 Endpoints (``key`` is a unique string the client picks, so it can audit the table):
 
 =========================  ==============================================================
-``POST /write?key=K``      insert and commit; 201 acknowledges a stored write
+``POST /write?key=K``      insert and commit; 201 acknowledges a stored write, 503 says
+                           the commit's outcome is unknown (its answer was lost)
 ``POST /fail?key=K``       insert, flush, then raise: 500, must leave nothing behind
 ``POST /forget?key=K``     insert and *forget to commit*: 200, must leave nothing behind
 ``GET /stream?n=N``        a streamed body of N chunks, reading between chunks
 ``POST /background?key=K`` 202; a background greenlet inserts and commits K
 ``GET /slow?key=K``        insert, commit after 0.5 s: a request to have in flight
+``POST /timeout?key=K``    insert, flush, then a query cut short by ``gevent.Timeout``:
+                           504, or with ``&escape=1`` the Timeout escapes the app
+                           (gunicorn drops the connection); never stored
+``POST /orphan?key=K``     202; a greenlet inserts, flushes and ends without commit
+                           or ``remove()``: greenscope reaps it; never stored
 ``GET /sql``                one SELECT
 ``GET /stats``             this worker's counters as JSON
 ``GET /health``            200, no database
@@ -54,6 +63,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import gevent
+import sqlalchemy.exc
 import sqlalchemy.orm
 from sqlalchemy import Engine, String, create_engine, event, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -101,10 +111,18 @@ def make_engine(url: str = DATABASE_URL) -> Engine:
             dbapi_connection.execute("PRAGMA busy_timeout=200")
 
         return engine
+    name = os.environ.get("GREENSCOPE_DEMO_APP_NAME", "demo").replace("{pid}", str(os.getpid()))
     return create_engine(
         url,
         **POOL,
-        connect_args={"application_name": os.environ.get("GREENSCOPE_DEMO_APP_NAME", "demo")},
+        connect_args={
+            "application_name": name,
+            # A query cut short on the client (gevent.Timeout, a killed greenlet) gets its
+            # connection invalidated and closed, but PostgreSQL only notices a vanished
+            # client when it next writes to it: until the query ends, the backend still
+            # counts against max_connections. This makes it check every 250 ms (PG 14+).
+            "options": "-c client_connection_check_interval=250",
+        },
     )
 
 
@@ -135,6 +153,8 @@ counters = {
     "requests": 0,
     "saw_foreign": 0,
     "deliberate_failures": 0,
+    "timeouts": 0,
+    "orphans": 0,
     "background_pending": 0,
     "background_failed": 0,
 }
@@ -195,13 +215,33 @@ def _stats() -> dict[str, Any]:
 Query = dict[str, list[str]]
 
 
+def _commit(
+    session: sqlalchemy.orm.Session, start_response: StartResponse, key: str
+) -> Iterable[bytes] | None:
+    """Commit; on failure answer 503 "outcome unknown" rather than 500 "not stored".
+
+    Flush first, so any error before the COMMIT is sent fails the request as usual
+    (nothing stored). A COMMIT whose answer is lost (the connection dropped, the backend
+    was terminated) may have been applied: the client is told it cannot know.
+    """
+    session.flush()
+    try:
+        session.commit()
+    except sqlalchemy.exc.DBAPIError:
+        return _respond(start_response, "503 Service Unavailable", {"key": key, "commit": "?"})
+    return None
+
+
 def _write(query: Query, start_response: StartResponse) -> Iterable[bytes]:
     key = query["key"][0]
     session = _check_isolation()
     item = Item(key=key, kind="write")
     session.add(item)
-    session.commit()
-    return _respond(start_response, "201 Created", {"id": item.id, "key": key})
+    session.flush()
+    item_id = item.id  # read before the commit: nothing after it may fail the request
+    return _commit(session, start_response, key) or _respond(
+        start_response, "201 Created", {"id": item_id, "key": key}
+    )
 
 
 def _fail(query: Query, start_response: StartResponse) -> Iterable[bytes]:
@@ -246,8 +286,49 @@ def _slow(query: Query, start_response: StartResponse) -> Iterable[bytes]:
     if engine.dialect.name != "sqlite":
         session.flush()
     gevent.sleep(0.5)
-    session.commit()
+    unknown = _commit(session, start_response, key)
+    if unknown is not None:
+        return unknown
     return _respond(start_response, "201 Created", {"key": key})
+
+
+TIMEOUT_SECONDS = 0.05
+
+
+def _timeout(query: Query, start_response: StartResponse) -> Iterable[bytes]:
+    key = query["key"][0]
+    session = _check_isolation()
+    session.add(Item(key=key, kind="timeout"))
+    session.flush()
+    counters["timeouts"] += 1
+    try:
+        with gevent.Timeout(TIMEOUT_SECONDS):
+            if engine.dialect.name == "postgresql":
+                # Cut short mid-query: SQLAlchemy invalidates the connection (a
+                # BaseException mid-statement), the backend's query is cancelled by its close.
+                session.execute(text("SELECT pg_sleep(2)"))
+            else:
+                gevent.sleep(2)
+    except gevent.Timeout:
+        if query.get("escape") == ["1"]:
+            raise  # out of the app and gunicorn's handler: the connection is dropped
+        return _respond(start_response, "504 Gateway Timeout", {"timeout": key})
+    raise AssertionError("the query outlived its timeout")  # pragma: no cover
+
+
+def _orphan_write(key: str) -> None:
+    # Forgets both commit and remove(): the greenlet ends holding an open transaction.
+    # greenscope rolls it back and returns the connection (the "reaped" counter).
+    Session.add(Item(key=key, kind="orphan"))
+    Session.flush()
+
+
+def _orphan(query: Query, start_response: StartResponse) -> Iterable[bytes]:
+    key = query["key"][0]
+    _check_isolation()
+    counters["orphans"] += 1
+    gevent.spawn(_orphan_write, key)
+    return _respond(start_response, "202 Accepted", {"orphaned": key})
 
 
 def _sql(query: Query, start_response: StartResponse) -> Iterable[bytes]:
@@ -262,6 +343,8 @@ ROUTES: dict[str, Callable[[Query, StartResponse], Iterable[bytes]]] = {
     "/stream": _stream_endpoint,
     "/background": _background,
     "/slow": _slow,
+    "/timeout": _timeout,
+    "/orphan": _orphan,
     "/sql": _sql,
 }
 

@@ -277,9 +277,11 @@ def free_port() -> int:
 class Server:
     """A server subprocess on a loopback port: started, health-checked, stopped."""
 
-    def __init__(self, argv: list[str], port: int, env: dict[str, str], cwd: str) -> None:
+    def __init__(
+        self, argv: list[str], port: int, env: dict[str, str], cwd: str, log_name: str = ""
+    ) -> None:
         self.port = port
-        self.log_path = f"{cwd}/server-{port}.log"
+        self.log_path = f"{cwd}/{log_name or f'server-{port}'}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=self._log)
         end = time.monotonic() + 30
