@@ -18,12 +18,13 @@ Two ways in:
   itself (SIGHUP reload, ``max_requests``) kills a request that outlived
   ``graceful_timeout``. ``GeventPyWSGIWorker`` covers gevent's pywsgi server, which
   calls no ``post_request`` hook at all. Both also do what the hooks below do at fork
-  and exit.
+  and exit, and at start what ``post_worker_init`` does.
 
 * Hooks, for the stock ``-k gevent`` worker, imported into *your* ``gunicorn.conf.py``
   (gunicorn loads one config file, so greenscope ships none that would replace yours)::
 
       from greenscope.gunicorn import post_fork, post_request, worker_exit
+      from greenscope.gunicorn import post_worker_init  # optional: the checks below
 
   To keep a hook of your own, call ours from it::
 
@@ -35,6 +36,13 @@ Two ways in:
 
   ``-k gevent_pywsgi`` calls no ``post_request``: use ``GeventPyWSGIWorker`` or
   :mod:`greenscope.wsgi` instead.
+
+At worker start (``post_worker_init``, or greenscope's workers by themselves) the
+checks of :mod:`greenscope.doctor` run once per worker process, after gevent patched it
+and the app was loaded, and each warning and error is logged through gunicorn's logger
+(for example psycopg imported before patching, a pool smaller than
+``worker_connections``, SQLite). ``GREENSCOPE_DOCTOR=0`` in the environment turns that
+off; ``python -m greenscope doctor`` prints the full report.
 
 What is not covered: SIGQUIT (immediate shutdown) and SIGKILL run no ``finally``, and
 on SIGTERM the master SIGKILLs workers that still run after ``graceful_timeout``: the
@@ -48,6 +56,7 @@ engines yourself.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,7 +73,14 @@ from sqlalchemy.engine import Engine
 
 import greenscope
 
-__all__ = ["GeventPyWSGIWorker", "GeventWorker", "post_fork", "post_request", "worker_exit"]
+__all__ = [
+    "GeventPyWSGIWorker",
+    "GeventWorker",
+    "post_fork",
+    "post_request",
+    "post_worker_init",
+    "worker_exit",
+]
 
 
 def _engines(factory: Any) -> Iterator[Engine]:
@@ -120,6 +136,52 @@ def post_fork(server: Any, worker: Any) -> None:
     _after_fork()
 
 
+def post_worker_init(worker: Any) -> None:
+    """gunicorn hook: log what :mod:`greenscope.doctor` finds wrong in this worker.
+
+    Runs the checks once per worker process, after gevent patched it and the app was
+    loaded, and logs each warning and error finding through gunicorn's logger (one
+    ``gc.get_objects()`` pass, once). greenscope's worker classes do it by themselves;
+    ``GREENSCOPE_DOCTOR=0`` turns both off. Never raises: a failure is logged instead.
+
+    .. versionadded:: 0.1
+    """
+    _run_doctor(worker)
+
+
+_doctor_ran = False
+
+
+def _run_doctor(worker: Any) -> None:
+    global _doctor_ran  # noqa: PLW0603 - once per worker process, whoever asks first
+    if _doctor_ran or os.environ.get("GREENSCOPE_DOCTOR", "1") == "0":
+        return
+    _doctor_ran = True
+    try:
+        from greenscope import doctor  # noqa: PLC0415 - a gc pass, once per worker
+
+        cfg = worker.cfg
+        findings = doctor.diagnose(
+            worker_connections=cfg.worker_connections,
+            threads=cfg.threads,
+            worker_class=type(worker),
+            worker_timeout=cfg.timeout,
+            post_request=cfg.post_request,
+            app=getattr(worker, "wsgi", None),
+        )
+        for finding in findings:
+            if finding.severity in {"warning", "error"}:
+                log = worker.log.error if finding.severity == "error" else worker.log.warning
+                log(
+                    "greenscope doctor %s: %s. Fix: %s",
+                    finding.check,
+                    finding.message,
+                    finding.fix,
+                )
+    except Exception:
+        worker.log.exception("greenscope doctor: the checks failed; skipped")
+
+
 def worker_exit(server: Any, worker: Any) -> None:
     """gunicorn hook: close the Sessions left in the exiting worker.
 
@@ -138,6 +200,7 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
         super().init_process()
 
     def run(self) -> None:
+        _run_doctor(self)  # after patching and loading the app, before serving
         try:
             super().run()
         finally:

@@ -1,0 +1,640 @@
+"""``python -m greenscope doctor`` and the worker-start hook: each check provoked for real.
+
+Patching is process-global, so every case runs the doctor in a fresh process (warnings
+are errors there too) on a fixture app from ``tests/doctor_apps`` and a gunicorn config
+written into ``tmp_path``. To stay fast, most runs are forked from a "zygote" interpreter
+that has imported what ``python -m greenscope`` imports before it reads anything
+(greenscope, SQLAlchemy, gunicorn's settings, gevent unpatched, no driver), then calls
+the CLI's ``main()``; a few run ``python -m greenscope`` itself. Assertions are on exit
+status, check ids and severities, not on prose, except for the human report's key lines.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from conftest import run_scenario
+
+TESTS = Path(__file__).resolve().parent
+HEALTHY = "doctor_apps.healthy:app"
+OUR_WORKER = "greenscope.gunicorn.GeventWorker"
+
+ZYGOTE = r"""
+import json, os, sys, traceback
+import gunicorn.config              # the CLI imports these before it reads a config
+import greenscope.__main__ as cli   # greenscope, SQLAlchemy, gevent (not patched)
+assert not [m for m in sys.modules if m.split(".")[0] in {"psycopg", "psycopg2"}]
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        status = 70
+        try:
+            os.environ.update(request["env"])
+            for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            if "code" in request:  # a scenario: exit 0 unless it raises
+                exec(request["code"], {"__name__": "__main__"})
+                status = 0
+            else:
+                status = cli.main(request["argv"])
+        except SystemExit as exc:  # argparse
+            status = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+@dataclass
+class Run:
+    """One doctor run: exit status, output and, with --json, the parsed report."""
+
+    status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return json.loads(self.stdout)  # type: ignore[no-any-return]
+
+    def severities(self, check: str) -> list[str]:
+        """The severities of one check's findings, in order."""
+        return [f["severity"] for f in self.report["findings"] if f["check"] == check]
+
+    def worst(self) -> dict[str, str]:
+        """Check id -> its worst severity."""
+        order = ["ok", "info", "warning", "error"]
+        worst: dict[str, str] = {}
+        for f in self.report["findings"]:
+            if order.index(f["severity"]) >= order.index(worst.get(f["check"], "ok")):
+                worst[f["check"]] = f["severity"]
+        return worst
+
+
+class Doctor(Protocol):
+    def __call__(self, *args: str, config: str | None = None, **env: str) -> Run: ...
+
+
+class Scenario(Protocol):
+    def __call__(self, code: str, **env: str) -> Any: ...
+
+
+@pytest.fixture(scope="module")
+def zygote() -> Iterator[subprocess.Popen[str]]:
+    """An interpreter that forks one child per doctor run."""
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "error", "-c", ZYGOTE],
+        cwd=TESTS,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    yield proc
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.close()
+    status = proc.wait(timeout=10)
+    proc.stdout.close()
+    assert status == 0
+
+
+def _fork(zygote: subprocess.Popen[str], tmp_path: Path, request: dict[str, Any]) -> Run:
+    """Have the zygote fork a child for ``request``; wait for it."""
+    assert zygote.stdin is not None
+    assert zygote.stdout is not None
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    request = {**request, "stdout": str(out), "stderr": str(err)}
+    zygote.stdin.write(json.dumps(request) + "\n")
+    zygote.stdin.flush()
+    status = int(zygote.stdout.readline())
+    return Run(status, out.read_text(), err.read_text())
+
+
+@pytest.fixture
+def doctor(zygote: subprocess.Popen[str], tmp_path: Path) -> Doctor:
+    """Run ``greenscope doctor ARGS`` in a fresh fork, from tests/, config in tmp_path."""
+
+    def run(*args: str, config: str | None = None, **env: str) -> Run:
+        argv = ["doctor", *args]
+        if config is not None:
+            path = tmp_path / "gunicorn.conf.py"
+            path.write_text(textwrap.dedent(config))
+            argv += ["--gunicorn-config", str(path)]
+        return _fork(zygote, tmp_path, {"argv": argv, "env": env})
+
+    return run
+
+
+@pytest.fixture
+def scenario(zygote: subprocess.Popen[str], tmp_path: Path) -> Scenario:
+    """Run code in a fresh fork (as conftest's run_scenario); return its last line as JSON."""
+
+    def run(code: str, **env: str) -> Any:
+        result = _fork(zygote, tmp_path, {"code": textwrap.dedent(code), "env": env})
+        assert result.status == 0, result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    return run
+
+
+def python_m_greenscope(*args: str) -> Run:
+    """``python -m greenscope ARGS`` itself, from tests/."""
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "greenscope", *args],
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def config(worker_class: str = OUR_WORKER, **settings: object) -> str:
+    """A gunicorn config file's text."""
+    lines = [f"worker_class = {worker_class!r}"]
+    lines += [f"{key} = {value!r}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+ALL_OK = {
+    "gevent-patch": "ok",
+    "psycopg-import-order": "ok",
+    "psycopg2-wait-callback": "ok",
+    "sqlite-blocking": "ok",
+    "pool-size": "ok",
+    "stock-scoped-session": "ok",
+    "request-end-removal": "ok",
+}
+
+
+def test_healthy_setup_passes(doctor: Doctor) -> None:
+    """greenscope's worker, psycopg 3 after patching, a pool that covers: every check ok."""
+    run = doctor("--app", HEALTHY, "--json", config=config(worker_connections=100))
+    assert run.status == 0, run.stderr
+    assert run.worst() == ALL_OK
+    assert run.report["inspected"]["order"] == "patch-then-app"
+    assert run.report["exit_status"] == 0
+    assert set(run.report) == {
+        "version",
+        "inspected",
+        "findings",
+        "errors",
+        "warnings",
+        "exit_status",
+    }
+
+
+def test_gevent_patch_error_in_an_unpatched_process(scenario: Scenario) -> None:
+    """diagnose() in a process gevent never patched: gevent-patch is an error."""
+    result = scenario(
+        """
+        import json
+        from greenscope.doctor import diagnose
+        print(json.dumps([f.severity for f in diagnose() if f.check == "gevent-patch"]))
+        """
+    )
+    assert result == ["error"]
+
+
+def test_gevent_patch_error_without_gevent() -> None:
+    """diagnose() with gevent missing: gevent-patch is an error naming the install."""
+    result = run_scenario(
+        """
+        import json, sys
+        sys.modules["gevent"] = None
+        from greenscope.doctor import diagnose
+        found = [f for f in diagnose() if f.check == "gevent-patch"]
+        print(json.dumps([[f.severity, f.fix] for f in found]))
+        """
+    )
+    assert len(result) == 1
+    assert result[0][0] == "error"
+    assert "pip install 'greenscope[gunicorn]'" in result[0][1]
+
+
+def test_psycopg_imported_before_patching_with_preload(doctor: Doctor) -> None:
+    """preload_app imports psycopg 3 in the unpatched master: psycopg-import-order errs."""
+    run = doctor(
+        "--app",
+        HEALTHY,
+        "--json",
+        config=config(worker_connections=100, preload_app=True),
+    )
+    assert run.status == 1, run.stderr
+    assert run.worst() == {**ALL_OK, "psycopg-import-order": "error"}
+    assert run.report["inspected"]["order"] == "app-then-patch"
+
+
+def test_psycopg_imported_by_the_config_file(doctor: Doctor) -> None:
+    """A gunicorn.conf.py that imports psycopg runs before patching: psycopg-import-order errs."""
+    text = "import psycopg\n" + config(worker_connections=100)
+    run = doctor("--app", HEALTHY, "--json", config=text)
+    assert run.status == 1, run.stderr
+    assert run.severities("psycopg-import-order") == ["error"]
+
+
+def test_psycopg_wait_func_env_fixes_queries_not_connects(doctor: Doctor) -> None:
+    """PSYCOPG_WAIT_FUNC=wait_poll: still an error, as connects still block."""
+    run = doctor(
+        "--app",
+        HEALTHY,
+        "--json",
+        config=config(worker_connections=100, preload_app=True),
+        PSYCOPG_WAIT_FUNC="wait_poll",
+    )
+    assert run.status == 1, run.stderr
+    [finding] = [f for f in run.report["findings"] if f["check"] == "psycopg-import-order"]
+    assert finding["severity"] == "error"
+    assert "every new connection" in finding["message"]
+    assert "every query" not in finding["message"]
+
+
+def test_psycopg2_without_wait_callback(doctor: Doctor) -> None:
+    """psycopg2 with no psycogreen wait callback: psycopg2-wait-callback errs."""
+    run = doctor(
+        "--app",
+        "doctor_apps.psycopg2_plain:app",
+        "--json",
+        config=config(worker_connections=100),
+    )
+    assert run.status == 1, run.stderr
+    assert run.worst() == {**ALL_OK, "psycopg2-wait-callback": "error"}
+
+
+def test_psycopg2_with_psycogreen(doctor: Doctor) -> None:
+    """psycopg2 patched by psycogreen: psycopg2-wait-callback is ok."""
+    run = doctor(
+        "--app",
+        "doctor_apps.psycopg2_green:app",
+        "--json",
+        config=config(worker_connections=100),
+    )
+    assert run.status == 0, run.stderr
+    assert run.worst() == ALL_OK
+
+
+def test_sqlite_file_warns_and_strict_fails(doctor: Doctor) -> None:
+    """A file SQLite engine is a warning: exit 0, and exit 1 with --strict."""
+    args = ("--app", "doctor_apps.sqlite_file:app", "--json")
+    text = config(worker_connections=100)
+    run = doctor(*args, config=text)
+    assert run.status == 0, run.stderr
+    assert run.worst() == {**ALL_OK, "sqlite-blocking": "warning"}
+    strict = doctor(*args, "--strict", config=text)
+    assert strict.status == 1, strict.stderr
+    assert strict.report["exit_status"] == 1
+
+
+def test_sqlite_busy_timeout_beyond_gunicorn_timeout(doctor: Doctor) -> None:
+    """A busy timeout at least gunicorn's timeout: the master would kill the worker, an error."""
+    run = doctor(
+        "--app",
+        "doctor_apps.sqlite_file:app",
+        "--json",
+        config=config(worker_connections=100, timeout=30),
+        DOCTOR_SQLITE_TIMEOUT="60",
+    )
+    assert run.status == 1, run.stderr
+    assert run.severities("sqlite-blocking") == ["error"]
+
+
+def test_sqlite_in_memory_is_an_error(doctor: Doctor) -> None:
+    """An in-memory SQLite database under gevent: one database per greenlet, an error."""
+    run = doctor(
+        "--app",
+        "doctor_apps.sqlite_memory:app",
+        "--json",
+        config=config(worker_connections=100),
+    )
+    assert run.status == 1, run.stderr
+    assert run.severities("sqlite-blocking") == ["error"]
+    assert run.severities("pool-size") == ["info"]  # SingletonThreadPool: not sized
+
+
+def test_pool_smaller_than_worker_connections(doctor: Doctor) -> None:
+    """gunicorn's default worker_connections (1000) against a pool of 100: pool-size errs."""
+    run = doctor("--app", HEALTHY, "--json", config=config())
+    assert run.status == 1, run.stderr
+    assert run.worst() == {**ALL_OK, "pool-size": "error"}
+    assert run.report["inspected"]["worker_connections"] == 1000
+
+
+def test_pool_size_boundaries(scenario: Scenario) -> None:
+    """Exactly enough, unlimited overflow and NullPool are ok; one short is an error."""
+    result = scenario(
+        """
+        import json
+        from gevent import monkey
+        monkey.patch_all()
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+        from greenscope.doctor import diagnose
+
+        url = "postgresql+psycopg://app@db.invalid/"
+        engines = [
+            create_engine(url + "exact", pool_size=60, max_overflow=40),
+            create_engine(url + "short", pool_size=60, max_overflow=39),
+            create_engine(url + "unlimited", pool_size=5, max_overflow=-1),
+            create_engine(url + "nullpool", poolclass=NullPool),
+        ]
+        def pool_findings(**kw):
+            found = diagnose(worker_class="gevent", **kw)
+            return [
+                [f.message.split(":")[1].split("/")[-1], f.severity]
+                for f in found if f.check == "pool-size"
+            ]
+        print(json.dumps([pool_findings(worker_connections=100), pool_findings()]))
+        """
+    )
+    assert result[0] == [
+        ["exact", "ok"],
+        ["nullpool", "ok"],
+        ["short", "error"],
+        ["unlimited", "ok"],
+    ]
+    assert result[1] == [  # worker_connections unknown: nothing to compare with
+        ["exact", "info"],
+        ["nullpool", "ok"],
+        ["short", "info"],
+        ["unlimited", "ok"],
+    ]
+
+
+def test_flags_override_the_config(doctor: Doctor) -> None:
+    """--worker-connections beats the config file, as gunicorn's flags do."""
+    run = doctor(
+        "--app",
+        HEALTHY,
+        "--json",
+        "--worker-connections",
+        "100",
+        config=config(worker_connections=5000),
+    )
+    assert run.status == 0, run.stderr
+    assert run.report["inspected"]["worker_connections"] == 100
+
+
+def test_stock_scoped_session_built_before_patching(doctor: Doctor) -> None:
+    """SQLAlchemy's scoped_session imported with preload_app shares one Session: an error."""
+    run = doctor(
+        "--app",
+        "doctor_apps.stock_session:app",
+        "--json",
+        config=config(worker_connections=100, preload_app=True),
+    )
+    assert run.status == 1, run.stderr
+    assert run.severities("stock-scoped-session") == ["error"]
+
+
+def test_stock_scoped_session_built_after_patching(doctor: Doctor) -> None:
+    """SQLAlchemy's scoped_session built after patching: per greenlet, an info, no failure."""
+    run = doctor(
+        "--app",
+        "doctor_apps.stock_session:app",
+        "--json",
+        config=config(worker_connections=100),
+    )
+    assert run.status == 0, run.stderr
+    assert run.severities("stock-scoped-session") == ["info"]
+
+
+HOOK_COMPOSED = """
+from greenscope import gunicorn as greenscope_hooks
+
+def post_request(worker, req, environ, resp):
+    greenscope_hooks.post_request(worker, req, environ, resp)
+"""
+
+HOOK_OWN = """
+def post_request(worker, req, environ, resp):
+    pass
+"""
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "extra", "app", "expected"),
+    [
+        ("gevent", "", HEALTHY, "error"),
+        ("gevent", "from greenscope.gunicorn import post_request\n", HEALTHY, "ok"),
+        ("gevent", "post_request = 'greenscope.gunicorn.post_request'\n", HEALTHY, "ok"),
+        ("gevent", HOOK_COMPOSED, HEALTHY, "ok"),
+        ("gevent", HOOK_OWN, HEALTHY, "info"),
+        ("gevent_pywsgi", "from greenscope.gunicorn import post_request\n", HEALTHY, "error"),
+        ("gevent_pywsgi", "", "doctor_apps.middleware:app", "ok"),
+        ("gevent", "", "doctor_apps.flask_app:app", "ok"),
+        ("greenscope.gunicorn.GeventPyWSGIWorker", "", HEALTHY, "ok"),
+        ("sync", "", HEALTHY, "info"),
+    ],
+    ids=[
+        "gevent",
+        "gevent+hook",
+        "gevent+hook-path",
+        "gevent+composed-hook",
+        "gevent+own-hook",
+        "pywsgi+hook",
+        "pywsgi+middleware",
+        "gevent+flask-teardown",
+        "greenscope-pywsgi",
+        "sync",
+    ],
+)
+def test_request_end_removal(
+    worker_class: str, extra: str, app: str, expected: str, doctor: Doctor
+) -> None:
+    """Who removes Sessions at request end: the worker, a post_request hook, the app, nobody."""
+    text = config(worker_class, worker_connections=100) + textwrap.dedent(extra)
+    run = doctor("--app", app, "--json", config=text)
+    assert run.severities("request-end-removal") == [expected], run.stderr
+    assert run.status == (1 if expected == "error" else 0)
+
+
+def test_sync_worker_is_not_patched(doctor: Doctor) -> None:
+    """A sync worker: the app is imported unpatched, gevent-patch is only an info."""
+    run = doctor("--app", HEALTHY, "--json", config=config("sync"))
+    assert run.status == 0, run.stderr
+    assert run.report["inspected"]["order"] == "app-only"
+    assert run.severities("gevent-patch") == ["info"]
+    assert run.severities("pool-size") == ["ok"]  # one request at a time
+
+
+def test_no_config_assumes_greenscope_worker() -> None:
+    """python -m greenscope without a config or worker class: greenscope's worker assumed."""
+    run = python_m_greenscope("doctor", "--app", HEALTHY, "--json")
+    assert run.status == 0, run.stderr
+    inspected = run.report["inspected"]
+    assert inspected["worker_class_assumed"] is True
+    assert inspected["worker_class"] == OUR_WORKER
+    assert inspected["order"] == "patch-then-app"
+    assert run.worst() == {**ALL_OK, "pool-size": "info", "request-end-removal": "info"}
+
+
+def test_app_from_wsgi_app_setting_and_factory(doctor: Doctor) -> None:
+    """--app may be omitted when the config sets wsgi_app; factories are called."""
+    text = config(worker_connections=100, wsgi_app="doctor_apps.healthy:create_app('hi')")
+    run = doctor("--json", config=text)
+    assert run.status == 0, run.stderr
+    assert run.report["inspected"]["app"] == "doctor_apps.healthy:create_app('hi')"
+
+
+def test_app_that_fails_to_import() -> None:
+    """An app whose import raises: exit 2, the traceback and a clear message, no report."""
+    run = python_m_greenscope("doctor", "--app", "doctor_apps.broken:app")
+    assert run.status == 2
+    assert run.stdout == ""
+    assert "Traceback" in run.stderr
+    assert "the app's settings are missing DATABASE_URL" in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("greenscope doctor: error: cannot import the app")
+    assert "nothing was checked" in last
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "give the app"),
+        (("--app", "doctor_apps.healthy:missing"), "cannot import the app"),
+        (("--app", HEALTHY, "-c", "no-such-gunicorn.conf.py"), "does not exist"),
+        (("--app", HEALTHY, "-k", "no.such.Worker"), "cannot load worker class"),
+    ],
+    ids=["no-app", "no-attribute", "no-config", "no-worker-class"],
+)
+def test_usage_errors_exit_2(args: tuple[str, ...], message: str, doctor: Doctor) -> None:
+    """Usage and loading errors exit 2 with one line saying what is wrong."""
+    run = doctor(*args)
+    assert run.status == 2
+    assert message in run.stderr.strip().splitlines()[-1]
+
+
+def test_human_report_of_a_healthy_setup(doctor: Doctor) -> None:
+    """The text report: header, one aligned line per check, 'no problems found'."""
+    run = doctor("--app", HEALTHY, config=config(worker_connections=100))
+    assert run.status == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "greenscope doctor"
+    assert lines[1] == f"  app     {HEALTHY}"
+    assert lines[3].startswith(f"  worker  {OUR_WORKER}, worker_connections 100, timeout 30 s")
+    assert "  ok     gevent-patch  " not in run.stdout  # no leading indent on findings
+    assert "ok     gevent-patch            gevent patched threading, socket and select" in lines
+    assert (
+        "ok     pool-size               engine postgresql+psycopg://app:***@db.invalid/app: "
+        "pool_size 20 +" in lines
+    )
+    assert "secret" not in run.stdout
+    assert lines[-1] == "no problems found"
+    assert "fix:" not in run.stdout
+
+
+def test_human_report_of_a_broken_setup(doctor: Doctor) -> None:
+    """The text report of errors: ERROR lines, an indented fix, the counting summary."""
+    text = config("gevent", preload_app=True)  # worker_connections 1000, no hook
+    run = doctor("--app", HEALTHY, config=text)
+    assert run.status == 1, run.stderr
+    lines = run.stdout.splitlines()
+    errors = [line.split()[1] for line in lines if line.startswith("ERROR")]
+    assert errors == ["psycopg-import-order", "pool-size", "request-end-removal"]
+    fixes = [line for line in lines if line.lstrip().startswith("fix: ")]
+    assert len(fixes) == 3
+    assert all(line.startswith(" " * 31 + "fix: ") for line in fixes)
+    assert all(len(line) <= 100 for line in lines[5:])
+    assert lines[-1] == "3 errors: this setup will fail in production"
+
+
+WORKER_SCENARIO = """
+    import json, os
+    from gevent import monkey
+    monkey.patch_all()
+    from sqlalchemy import create_engine
+    from greenscope import gunicorn as hooks
+
+    engine = create_engine("sqlite:///never-created.db", pool_size=5, max_overflow=5)
+
+    class Log:
+        def __init__(self):
+            self.calls = []
+        def error(self, msg, *args):
+            self.calls.append(["error", msg % args])
+        def warning(self, msg, *args):
+            self.calls.append(["warning", msg % args])
+        def info(self, msg, *args):
+            self.calls.append(["info", msg % args])
+        def exception(self, msg, *args):
+            self.calls.append(["exception", msg % args])
+
+    class Cfg:
+        worker_connections = 100
+        threads = 1
+        timeout = 30
+        def post_request(self, *args):
+            pass
+        post_request.__module__ = "gunicorn.config"  # gunicorn's no-op default
+
+    class Worker(hooks.GeventWorker):
+        def __init__(self):  # gunicorn's takes the arbiter's sockets and settings
+            self.cfg = Cfg()
+            self.log = Log()
+"""
+
+
+def test_post_worker_init_logs_warnings_and_errors_once(scenario: Scenario) -> None:
+    """The hook logs each warning and error once per process, through worker.log."""
+    result = scenario(
+        WORKER_SCENARIO
+        + """
+    worker = Worker()
+    hooks.post_worker_init(worker)
+    hooks.post_worker_init(worker)  # again, or greenscope's worker at run(): nothing new
+    print(json.dumps(worker.log.calls))
+    """
+    )
+    levels = [level for level, _ in result]
+    assert levels == ["warning", "error"], result
+    assert result[0][1].startswith("greenscope doctor sqlite-blocking: engine sqlite:///")
+    assert result[1][1].startswith("greenscope doctor pool-size: engine sqlite:///")
+    assert "Fix: `create_engine(" in result[1][1]
+    assert all("greenscope:" not in message for _, message in result)
+
+
+def test_greenscope_worker_runs_the_checks_before_serving(scenario: Scenario) -> None:
+    """GeventWorker.run() runs the checks first; GREENSCOPE_DOCTOR=0 turns that off."""
+    code = (
+        WORKER_SCENARIO
+        + """
+    from gunicorn.workers import ggevent
+    served = []
+    ggevent.GeventWorker.run = lambda self: served.append(len(self.log.calls))
+    worker = Worker()
+    worker.run()
+    print(json.dumps(served))
+    """
+    )
+    assert scenario(code) == [2]
+    assert scenario(code, GREENSCOPE_DOCTOR="0") == [0]
+
+
+def test_post_worker_init_never_raises(scenario: Scenario) -> None:
+    """A worker whose settings break the checks: logged with the exception, not raised."""
+    result = scenario(
+        WORKER_SCENARIO
+        + """
+    worker = Worker()
+    worker.cfg = None  # anything the checks cannot read
+    hooks.post_worker_init(worker)
+    print(json.dumps([level for level, _ in worker.log.calls]))
+    """
+    )
+    assert result == ["exception"]
