@@ -72,16 +72,23 @@ class scoped_session(_sa_scoped_session[_S]):
 
         SQLAlchemy warns when the *current* scope has a ``Session``; with one scope per
         greenlet that misses the Sessions other greenlets hold, which this change will
-        not reach either. This warns, with SQLAlchemy's message, when any greenlet holds
-        one.
+        not reach either. This warns when any greenlet holds one, with SQLAlchemy's
+        message (so warning filters written for it still match) and what to do.
         """
         registry = self.registry
-        if isinstance(registry, GreenletRegistry) and not registry.has() and registry.stats().live:
+        if not isinstance(registry, GreenletRegistry):
+            super().configure(**kwargs)
+            return
+        live = registry.stats().live
+        if live:
             sa_util.warn(
                 "At least one scoped session is already present.  configure() can not "
-                "affect sessions that have already been created."
+                f"affect sessions that have already been created. greenscope: {live} "
+                "greenlet(s) hold a Session made with the old configuration until they "
+                "remove() it; call configure() at startup, before any greenlet makes a "
+                "Session, or pass options per Session with Session(**kw)."
             )
-        super().configure(**kwargs)
+        self.session_factory.configure(**kwargs)
 
     def remove(self) -> None:
         """Close the current greenlet's ``Session``, if any, then forget it.

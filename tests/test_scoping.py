@@ -141,8 +141,10 @@ def test_configure_after_a_session_exists_warns(
 ) -> None:
     """configure() warns, as SQLAlchemy does, when a Session already exists."""
     Session()
-    with pytest.warns(exc.SAWarning, match="configure\\(\\) can not affect"):
+    with pytest.warns(exc.SAWarning, match="configure\\(\\) can not affect") as seen:
         Session.configure(autoflush=False)
+    assert len(seen) == 1  # one warning, saying what to do
+    assert "call configure() at startup" in str(seen[0].message)
     Session.remove()
     Session.configure(autoflush=True)  # no Session: no warning
 
