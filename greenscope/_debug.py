@@ -62,6 +62,21 @@ def tag(value: object, owner: RawGreenlet) -> None:
         value.info[_OWNER] = weakref.ref(owner)
 
 
+def untag(value: object) -> object | None:
+    """Stop checking ``value`` (greenscope itself closes it); return what :func:`retag`
+    needs to start again, or None if it was not checked."""
+    if isinstance(value, Session):
+        owner: object | None = value.info.pop(_OWNER, None)
+        return owner
+    return None
+
+
+def retag(value: object, owner: object) -> None:
+    """Undo :func:`untag`."""
+    if isinstance(value, Session):
+        value.info[_OWNER] = owner
+
+
 def _describe(g: RawGreenlet | None) -> str:
     if g is None:
         return "a greenlet that has ended (greenscope closed the Session for it then)"

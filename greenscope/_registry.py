@@ -284,6 +284,9 @@ def close_or_release(value: Any, close: Callable[[Any], object]) -> None:
     fresh ones as needed. The error is re-raised.
     """
     held = _held_connections(value)
+    # Debug mode: greenscope closes from wherever it runs (the reaper, close_all), which
+    # is no misuse; the owner is restored after, so a later use elsewhere is caught.
+    owner = _debug.untag(value) if _debug.active else None
     try:
         close(value)
     except BaseException:
@@ -294,15 +297,20 @@ def close_or_release(value: Any, close: Callable[[Any], object]) -> None:
                 except Exception:
                     logger.exception("greenscope: invalidating a connection failed too")
         raise
+    finally:
+        if owner is not None:
+            _debug.retag(value, owner)
 
 
 def _held_connections(value: Any) -> list[Connection]:
     if not isinstance(value, Session):
         return []
     tx = value.get_transaction()
-    # Private, but stable across SQLAlchemy 2.0 and 2.1: bind -> (Connection, ...).
+    # Private, but stable across SQLAlchemy 2.0 and 2.1: bind -> (Connection, transaction,
+    # should_commit, autoclose). autoclose is False for a Connection the application
+    # passed as bind= (joining an external transaction): that one is not ours to drop.
     entries = getattr(tx, "_connections", None) or {}
-    return list({id(entry[0]): entry[0] for entry in entries.values()}.values())
+    return list({id(e[0]): e[0] for e in entries.values() if len(e) > 3 and e[3]}.values())
 
 
 def _close_value(value: Any) -> None:

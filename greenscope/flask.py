@@ -30,6 +30,7 @@ removal at ``teardown_appcontext``.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -105,6 +106,7 @@ class AppContextRegistry(ScopedRegistry[Session]):
             lambda: AppContextSessions(self), close=AppContextSessions.close
         )
         self._created = self._removed = self._reaped = self._failed = self._live = 0
+        _APP_CONTEXT_REGISTRIES.add(self)
 
     def _entry(self, create: bool) -> tuple[AppContextSessions | None, Any, Session | None]:
         ctx = _current_app_context()
@@ -175,6 +177,21 @@ class AppContextRegistry(ScopedRegistry[Session]):
     def stats(self) -> RegistryStats:
         """Counters of Sessions (not of greenlets); see :class:`greenscope.RegistryStats`."""
         return RegistryStats(self._created, self._removed, self._reaped, self._failed, self._live)
+
+
+# For the fork hook below: every AppContextRegistry of the process, weakly.
+_APP_CONTEXT_REGISTRIES: weakref.WeakSet[AppContextRegistry] = weakref.WeakSet()
+
+
+def _forget_inherited() -> None:
+    # greenscope forgets (never closes) the per-greenlet containers a forked child
+    # inherits; the Sessions in them are forgotten with them, and counted so.
+    for registry in list(_APP_CONTEXT_REGISTRIES):
+        registry._removed += registry._live
+        registry._live = 0
+
+
+os.register_at_fork(after_in_child=_forget_inherited)
 
 
 def _app_context_scoped_session(factory: sessionmaker[Any]) -> scoped_session[Any]:

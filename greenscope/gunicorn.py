@@ -187,9 +187,11 @@ def worker_exit(server: Any, worker: Any) -> None:
 
     Sessions of requests still running (an immediate shutdown, SIGQUIT) are left to the
     database, which rolls back when the process goes: closing them would wait for
-    their queries and hold up the exit.
+    their queries and hold up the exit. The registries stay usable
+    (``shutdown=False``): your own ``worker_exit`` or ``atexit`` code may still use a
+    Session, and should remove it.
     """
-    greenscope.close_all(include_running=False)
+    greenscope.close_all(include_running=False, shutdown=False)
 
 
 class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is untyped
@@ -204,7 +206,7 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
         try:
             super().run()
         finally:
-            greenscope.close_all(include_running=False)  # see worker_exit
+            greenscope.close_all(include_running=False, shutdown=False)  # see worker_exit
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         try:

@@ -264,3 +264,23 @@ def test_a_failed_close_returns_the_connection_at_once(
     assert stats.live == 0
     assert Session.execute(text("SELECT 1")).scalar_one() == 1  # the pool opens a fresh one
     Session.remove()
+
+
+def test_a_failed_close_never_invalidates_the_applications_own_connection(
+    sqlite_db: CountingEngine,
+) -> None:
+    """Session(bind=connection) joins the caller's connection: a failed close leaves it."""
+
+    class Failing(orm.Session):
+        def close(self) -> None:
+            super().close()
+            raise RuntimeError("close failed")
+
+    with sqlite_db.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))  # the caller's own transaction
+        Session = greenscope.scoped_session(sessionmaker(bind=conn, class_=Failing))
+        Session.execute(text("SELECT 2"))
+        with pytest.raises(RuntimeError, match="close failed"):
+            Session.remove()
+        assert not conn.invalidated
+        assert conn.execute(text("SELECT 3")).scalar_one() == 3

@@ -281,3 +281,34 @@ def test_a_reused_app_context_id_never_gets_the_dead_contexts_session(
     assert registry.stats() == greenscope.RegistryStats(created=2, reaped=1, live=1)
     registry.clear()
     assert registry.stats().live == 0
+
+
+def test_forked_child_counts_inherited_sessions_as_forgotten(tmp_path: Path) -> None:
+    """After fork the child's stats() hold no phantom live Sessions of the parent's."""
+    result = run_scenario(
+        f"""
+        import json, os
+        import flask
+        from sqlalchemy import text
+        from greenscope.flask import SQLAlchemy
+
+        app = flask.Flask(__name__)
+        app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite:///{tmp_path / "fork.db"}"
+        db = SQLAlchemy(app)
+        with app.app_context():
+            db.session.execute(text("SELECT 1"))
+            out = {str(tmp_path / "child.json")!r}
+            pid = os.fork()
+            if pid == 0:
+                s = db.session.registry.stats()
+                with open(out, "w") as f:
+                    json.dump({{"live": s.live, "removed": s.removed}}, f)
+                os._exit(0)
+            os.waitpid(pid, 0)
+            parent_live = db.session.registry.stats().live
+        with app.app_context():
+            db.engine.dispose()
+        print(json.dumps({{"child": json.load(open(out)), "parent_live": parent_live}}))
+        """
+    )
+    assert result == {"child": {"live": 0, "removed": 1}, "parent_live": 1}

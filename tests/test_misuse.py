@@ -212,3 +212,38 @@ def test_running_request_keeps_its_session_after_close_all_include_running_false
     release.set()
     g.join(10)
     assert seen == [2, RuntimeError]
+
+
+@pytest.mark.usefixtures("debug")
+def test_debug_mode_lets_greenscope_close_from_another_greenlet(
+    sqlite_db: CountingEngine,
+) -> None:
+    """The reaper and close_all() close Sessions where they run: never a misuse."""
+    Base.metadata.create_all(sqlite_db.engine)
+
+    def commit_then_close(session: sqlalchemy.orm.Session) -> None:
+        session.commit()  # a close= that does database work, in the reaper's greenlet
+        session.close()
+
+    registry = greenscope.GreenletRegistry(sessionmaker(sqlite_db.engine), close=commit_then_close)
+
+    def orphan() -> None:
+        registry().add(Note(text="kept by the custom close"))
+
+    gevent.spawn(orphan).join()
+    assert greenscope.wait_reaped(10)
+    assert registry.stats().failed == 0
+    assert registry.stats().reaped == 1
+
+
+def test_gunicorn_worker_exit_leaves_registries_usable(Session: ScopedSession) -> None:
+    """At worker exit greenscope closes what is left, and a later worker_exit hook may
+    still use a Session: only an explicit close_all() shuts registries down."""
+    from greenscope import gunicorn as greenscope_gunicorn  # noqa: PLC0415 - needs gunicorn
+
+    Session.execute(text("SELECT 1"))
+    greenscope_gunicorn.worker_exit(None, None)
+    assert not Session.registry.shut_down  # type: ignore[attr-defined]
+    assert greenscope.stats().live == 0
+    assert Session.execute(text("SELECT 2")).scalar_one() == 2
+    Session.remove()
