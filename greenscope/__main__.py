@@ -57,7 +57,7 @@ worker patches first and then imports the app, or with preload_app imports it fi
 (in the master) and patches after (in the worker); other workers do not patch.
 Without --gunicorn-config (or ./gunicorn.conf.py) and --worker-class, the worker is
 assumed to be greenscope.gunicorn.GeventWorker without preload, worker_connections
-unknown.
+unknown. GUNICORN_CMD_ARGS is not read: pass those settings as flags here.
 """
 
 _EPILOG = """\
@@ -77,6 +77,16 @@ class _UsageError(Exception):
     def __init__(self, message: str, *, show_traceback: bool = False) -> None:
         super().__init__(message)
         self.show_traceback = show_traceback
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument("--worker-class", "-k", metavar="NAME", help="gunicorn worker class")
     cmd.add_argument(
-        "--worker-connections", type=int, metavar="N", help="gunicorn worker_connections"
+        "--worker-connections", type=_positive, metavar="N", help="gunicorn worker_connections"
     )
     cmd.add_argument(
         "--preload", action="store_true", default=None, help="as gunicorn's preload_app"
@@ -194,7 +204,10 @@ def _deployment(args: argparse.Namespace) -> _Deployment:
         ("chdir", args.chdir),
     ):
         if value is not None:
-            cfg.set(key, value)
+            try:
+                cfg.set(key, value)
+            except Exception as exc:
+                raise _UsageError(f"invalid {key.replace('_', '-')} {value!r}: {exc}") from exc
     try:
         cfg.worker_class  # noqa: B018 - loads the class, as gunicorn's master does
     except Exception as exc:
@@ -232,6 +245,8 @@ def _load_app(uri: str) -> object:
     func = node.func if isinstance(node, ast.Call) else node
     if not isinstance(func, ast.Name):
         raise _UsageError(f"{expr!r}: give a name or a call of a name, as gunicorn takes it")
+    if call and any(k.arg is None for k in node.keywords):  # type: ignore[attr-defined]
+        raise _UsageError(f"{expr!r}: **kwargs cannot be given on the command line")
     try:
         module = import_module(module_name)
         app = getattr(module, func.id)
@@ -267,7 +282,10 @@ def _doctor(args: argparse.Namespace) -> int:
         raise _UsageError("give the app: --app MODULE:CALLABLE (or wsgi_app in the config)")
 
     # As gunicorn: chdir, then the directory and the pythonpath setting go on sys.path.
-    os.chdir(setup.chdir)
+    try:
+        os.chdir(setup.chdir)
+    except OSError as exc:
+        raise _UsageError(f"cannot change to the directory {setup.chdir!r}: {exc}") from exc
     for path in [setup.chdir, *reversed((setup.pythonpath or "").split(","))]:
         if path and path not in sys.path:
             sys.path.insert(0, path)

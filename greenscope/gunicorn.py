@@ -154,7 +154,8 @@ _doctor_ran = False
 
 def _run_doctor(worker: Any) -> None:
     global _doctor_ran  # noqa: PLW0603 - once per worker process, whoever asks first
-    if _doctor_ran or os.environ.get("GREENSCOPE_DOCTOR", "1") == "0":
+    off = os.environ.get("GREENSCOPE_DOCTOR", "").strip().lower() in {"0", "false", "no", "off"}
+    if _doctor_ran or off:
         return
     _doctor_ran = True
     try:

@@ -510,8 +510,21 @@ def test_app_that_fails_to_import() -> None:
         (("--app", "doctor_apps.healthy:missing"), "cannot import the app"),
         (("--app", HEALTHY, "-c", "no-such-gunicorn.conf.py"), "does not exist"),
         (("--app", HEALTHY, "-k", "no.such.Worker"), "cannot load worker class"),
+        (("--app", HEALTHY, "--worker-connections", "0"), "must be at least 1"),
+        (("--app", HEALTHY, "--chdir", "/no/such/dir"), "cannot change to the directory"),
+        (("--app", HEALTHY, "-k", "gevent", "--chdir", "/no/such/dir"), "invalid chdir"),
+        (("--app", "doctor_apps.healthy:create_app(**{})"), "**kwargs cannot be given"),
     ],
-    ids=["no-app", "no-attribute", "no-config", "no-worker-class"],
+    ids=[
+        "no-app",
+        "no-attribute",
+        "no-config",
+        "no-worker-class",
+        "worker-connections",
+        "chdir",
+        "chdir-with-config",
+        "kwargs",
+    ],
 )
 def test_usage_errors_exit_2(args: tuple[str, ...], message: str, doctor: Doctor) -> None:
     """Usage and loading errors exit 2 with one line saying what is wrong."""
