@@ -4,7 +4,8 @@
 # make demo: the demo service under a real gunicorn, with and without greenscope.
 # make bench: benchmarks against SQLAlchemy's registries (a table, JSON and an SVG chart).
 # make soak: 50,000 requests with faults on PostgreSQL, then an audit (SOAK_ARGS=--quick:
-#            the reduced run CI makes). DATABASE_URL selects the database.
+#            the reduced run CI makes; --control: the stock worker, which the audit must
+#            fail). DATABASE_URL selects the database.
 
 # `python3.X` if it runs, else pyenv's 3.X if installed, else nothing.
 find_python = $(shell \

@@ -34,7 +34,7 @@ Endpoints (``key`` is a unique string the client picks, so it can audit the tabl
 ``GET /slow?key=K``        insert, commit after 0.5 s: a request to have in flight
 ``POST /timeout?key=K``    insert, flush, then a query cut short by ``gevent.Timeout``:
                            504, or with ``&escape=1`` the Timeout escapes the app
-                           (gunicorn drops the connection); never stored
+                           (gunicorn answers 500); never stored
 ``POST /orphan?key=K``     202; a greenlet inserts, flushes and ends without commit
                            or ``remove()``: greenscope reaps it; never stored
 ``GET /sql``                one SELECT
@@ -305,13 +305,14 @@ def _timeout(query: Query, start_response: StartResponse) -> Iterable[bytes]:
         with gevent.Timeout(TIMEOUT_SECONDS):
             if engine.dialect.name == "postgresql":
                 # Cut short mid-query: SQLAlchemy invalidates the connection (a
-                # BaseException mid-statement), the backend's query is cancelled by its close.
+                # BaseException mid-statement) and closes it; the backend runs on until
+                # client_connection_check_interval notices (see make_engine).
                 session.execute(text("SELECT pg_sleep(2)"))
             else:
                 gevent.sleep(2)
     except gevent.Timeout:
         if query.get("escape") == ["1"]:
-            raise  # out of the app and gunicorn's handler: the connection is dropped
+            raise  # out of the app: gunicorn answers 500, greenscope still removes
         return _respond(start_response, "504 Gateway Timeout", {"timeout": key})
     raise AssertionError("the query outlived its timeout")  # pragma: no cover
 

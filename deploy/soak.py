@@ -19,10 +19,14 @@ Then it checks, and prints the figures:
 * every write acknowledged with 2xx is stored exactly once; nothing from a request that
   failed, timed out, forgot its commit or was orphaned is stored;
 * no request saw another's objects (each worker counts, and reports when it exits);
-* while the clients idle, no backend is idle in transaction and no connection is checked
-  out; at no sample did a worker hold more connections than its pool allows;
-* greenscope's counters balance: created = removed + reaped + live, summed over every
-  worker process that ran; every worker that started reported at exit.
+* while the clients idle on open keep-alive connections (each one's last request used
+  the database), no backend is idle in transaction, no connection is checked out and
+  no Session is live in any worker; at no sample did a worker hold more connections
+  than its pool allows;
+* greenscope's counters, summed over every worker process that ran, balance (created =
+  removed + reaped + live), no Session was live at a worker's exit, and no more were
+  reaped than the orphans the soak spawned (any other reap would be a Session that
+  request-end removal missed); every worker that started reported at exit.
 
 Exit status 0 if all of that holds and every fault was injected at least once.
 A write whose answer never arrived (a dropped connection), or whose COMMIT's answer was
@@ -98,6 +102,7 @@ EXPECTED_STATUS = {
     "forget": 200,
     "timeout": 504,
     "orphan": 202,
+    "timeout_escape": 500,  # gunicorn answers what escapes the app with a 500
 }
 
 
@@ -155,6 +160,15 @@ class SoakClient(threading.Thread):
             with self.tally.lock:
                 self.tally.outcomes[f"{kind} {outcome}"] += 1
                 self._judge(kind, key, outcome)
+        # End on a keep-alive connection whose last request used the database, left open
+        # through the idle audit: a Session that request-end removal missed would still
+        # be held by its connection's greenlet then (and only reaped once it closes).
+        outcome = self._attempt("sql", f"{self.run_id}-idle")
+        if outcome != "200" or self.conn is None:
+            with self.tally.lock:
+                self.tally.unexpected.append(f"idle probe: {outcome}")
+
+    def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
 
@@ -239,8 +253,16 @@ class SoakClient(threading.Thread):
 class Soak:
     """The server, its restarts and the fault injector."""
 
-    def __init__(self, url: str, profile: dict[str, int], workdir: str, seed: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        profile: dict[str, int],
+        workdir: str,
+        seed: int,
+        worker_class: str = "greenscope.gunicorn.GeventWorker",
+    ) -> None:
         self.url = url
+        self.worker_class = worker_class
         self.profile = profile
         self.workdir = workdir
         self.seed = seed
@@ -270,7 +292,7 @@ class Soak:
     def start(self) -> loadgen.Server:
         argv = [sys.executable, "-m", "gunicorn", "-c", str(DEPLOY / "gunicorn.soak.conf.py")]
         argv += ["--chdir", str(DEPLOY), "-b", f"127.0.0.1:{self.port}"]
-        argv += ["-k", "greenscope.gunicorn.GeventWorker", "-w", str(WORKERS)]
+        argv += ["-k", self.worker_class, "-w", str(WORKERS)]
         argv += ["--worker-connections", str(POOL_CAP), "--keep-alive", "30"]
         argv += ["--graceful-timeout", "20", "--timeout", "60"]
         argv += ["--max-requests", str(self.profile["max_requests"])]
@@ -382,6 +404,8 @@ class Soak:
         chaos.join(60)
         load_seconds = time.monotonic() - started
         idle = self.idle_audit()
+        for c in clients:
+            c.close()
         final_server = self.servers[-1]
         exit_status = final_server.stop(signal.SIGTERM)
         after = self.after_exit_audit()
@@ -534,6 +558,7 @@ class Soak:
             "created": gs.get("created", 0),
             "removed": gs.get("removed", 0),
             "reaped": gs.get("reaped", 0),
+            "orphans_spawned": counters.get("orphans", 0),
             "failed_closes": gs.get("failed", 0),
             "live_at_exit": gs.get("live", 0),
             "checkedout_at_exit": after["checkedout_at_exit"],
@@ -565,6 +590,13 @@ def verdict(f: dict[str, Any], budget: int) -> list[str]:
         (
             f["created"] == f["removed"] + f["reaped"] + f["live_at_exit"],
             "greenscope counters do not balance",
+        ),
+        (f["live_at_exit"] == 0, "Sessions still live when their worker exited"),
+        # Only the orphans the soak makes may be reaped: any other reap is a Session that
+        # request-end removal missed, closed only when its connection's greenlet ended.
+        (
+            f["reaped"] <= f["orphans_spawned"],
+            f"{f['reaped']} reaped, more than the {f['orphans_spawned']} orphans spawned",
         ),
         (f["workers_reported"] == f["workers_started"], "a worker exited without reporting"),
         (f["connections_after_exit"] == 0, "connections left after the server exited"),
@@ -613,8 +645,8 @@ def print_figures(f: dict[str, Any], problems: list[str]) -> None:
     row("worker processes started / reported", f"{f['workers_started']}/{f['workers_reported']}")
     row("created", f["created"])
     row("removed", f["removed"])
-    row("reaped (orphans)", f["reaped"])
-    row("live at exit", f["live_at_exit"])
+    row("reaped (orphans)", f["reaped"], f"<= {f['orphans_spawned']} orphans spawned")
+    row("live at exit", f["live_at_exit"], "must be 0")
     balanced = f["created"] == f["removed"] + f["reaped"] + f["live_at_exit"]
     row("created = removed + reaped + live", "yes" if balanced else "NO")
     row("closes that failed (logged)", f["failed_closes"])
@@ -643,8 +675,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="random seed of the request mix")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--keep-logs", metavar="DIR", help="copy the server logs to DIR")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="the control run: 2,000 requests under the stock `-k gevent` worker (no "
+        "request-end removal); exit 0 only if the audit catches the shared Sessions and "
+        "leaked connections, proving it can fail",
+    )
     args = parser.parse_args(argv)
-    profile = dict(PROFILES["quick" if args.quick else "full"])
+    profile = dict(PROFILES["quick" if args.quick or args.control else "full"])
+    if args.control:
+        profile["requests"] = 2_000
     if args.requests is not None:
         if args.requests < 1000:
             parser.error("--requests must be at least 1000 (every fault needs room)")
@@ -663,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     with tempfile.TemporaryDirectory(prefix="greenscope-soak-") as workdir:
-        soak = Soak(url, profile, workdir, args.seed)
+        worker = "gevent" if args.control else "greenscope.gunicorn.GeventWorker"
+        soak = Soak(url, profile, workdir, args.seed, worker)
         try:
             figures = soak.run(progress=not args.json)
         except KeyboardInterrupt:
@@ -679,7 +721,24 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**figures, "problems": problems}, indent=2))
     else:
         print_figures(figures, problems)
+    if args.control:
+        return _control_verdict(figures)
     return 1 if problems else 0
+
+
+def _control_verdict(f: dict[str, Any]) -> int:
+    """Without request-end removal the audit must see what greenscope prevents."""
+    caught = {
+        "requests that saw another's objects": f["saw_foreign"] > 0,
+        "connections checked out while clients idle": f["idle_checkedout"] > 0,
+        "Sessions reaped beyond the orphans": f["reaped"] > f["orphans_spawned"],
+    }
+    missed = [what for what, seen in caught.items() if not seen]
+    if missed:
+        print(f"CONTROL FAILED: the audit did not catch: {'; '.join(missed)}")
+        return 1
+    print("control: without request-end removal the audit fails, as it must.")
+    return 0
 
 
 if __name__ == "__main__":
