@@ -28,6 +28,8 @@ accesslog = os.environ.get("GREENSCOPE_ACCESSLOG")
 # greenscope's hooks as they are:
 post_fork = greenscope_hooks.post_fork
 worker_exit = greenscope_hooks.worker_exit
+# Optional: log what `python -m greenscope doctor` would find, once per worker at start.
+post_worker_init = greenscope_hooks.post_worker_init
 
 
 # ... or composed with a hook of your own: call greenscope's last, after your code
