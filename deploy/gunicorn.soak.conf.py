@@ -23,6 +23,9 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
+    # Orphans whose close is still queued would be in no counter yet (see RegistryStats):
+    # let them finish, as greenscope's exit handler would a moment later.
+    greenscope.wait_reaped(5)
     demo_app: Any = sys.modules.get("demo_app")
     report = {
         "pid": os.getpid(),

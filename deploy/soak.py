@@ -624,18 +624,20 @@ def verdict(f: dict[str, Any], budget: int) -> list[str]:
     return problems
 
 
-def print_figures(f: dict[str, Any], problems: list[str]) -> None:
+def print_figures(f: dict[str, Any], problems: list[str], *, control: bool = False) -> None:
     def row(label: str, value: Any, target: str = "") -> None:
         print(f"  {label:<46} {value!s:>10}  {target}")
 
     print(f"\ngreenscope soak: {f['requests']} requests in {f['seconds']} s")
+    if control:
+        print("CONTROL RUN (stock -k gevent, no request-end removal): the audit must fail")
     print("faults injected")
     for name, n in f["faults"].items():
         row(name, n)
     print("answers")
     row("as expected", f["requests"] - f["unexpected"])
     row("unexpected (a fault's victims)", f["unexpected"], "<= 2%")
-    row("connection attempts refused (restart gap)", f["refused_waits"])
+    row("refused connects, retried every 20 ms (restart gap)", f["refused_waits"])
     print("data")
     row("writes acknowledged (201)", f["acked_writes"])
     row("  lost", f["acked_lost"], "must be 0")
@@ -647,7 +649,7 @@ def print_figures(f: dict[str, Any], problems: list[str]) -> None:
     row("requests that saw another's objects", f["saw_foreign"], "must be 0")
     print("connections")
     row("max held per worker at any sample", f["max_connections_per_worker"])
-    row("  with /timeout's cut-short queries' backends", f["max_backends_per_worker"])
+    row("  + backends of queries cut short (deploy/README)", f["max_backends_per_worker"])
     row("pool limit per worker (pool_size+max_overflow)", f["pool_cap_per_worker"])
     row("clients idle: connections open", f["idle_connections"])
     row("clients idle: idle in transaction", f["idle_in_transaction"], "must be 0")
@@ -732,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({**figures, "problems": problems}, indent=2))
     else:
-        print_figures(figures, problems)
+        print_figures(figures, problems, control=args.control)
     if args.control:
         return _control_verdict(figures)
     return 1 if problems else 0

@@ -305,7 +305,7 @@ def _doctor(args: argparse.Namespace) -> int:
     findings = doctor.diagnose(
         worker_connections=setup.worker_connections,
         threads=setup.threads,
-        worker_class=setup.worker_class,
+        worker_class=setup.worker_class or _ASSUMED,
         worker_timeout=setup.timeout,
         post_request=setup.post_request,
         app=app,

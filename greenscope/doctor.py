@@ -282,7 +282,8 @@ def _app_removes(app: object) -> str | None:
     if isinstance(teardown, list):
         for func in teardown:
             module = getattr(func, "__module__", "") or ""
-            if module.startswith(("greenscope", "flask_sqlalchemy")):
+            names = getattr(getattr(func, "__code__", None), "co_names", ())
+            if module.startswith(("greenscope", "flask_sqlalchemy")) or "remove" in names:
                 return "Flask removes the Session at teardown_appcontext"
     return None
 
@@ -367,7 +368,8 @@ def _check_psycopg(setup: _Setup, scan: _Scan) -> list[Finding]:
             "error",
             "psycopg 3 was imported before gevent patched the process, so it waits with "
             f"blocking calls: {' and '.join(blocking)} blocks every greenlet of the worker",
-            "let gevent patch first: `preload_app = False`, and nothing in gunicorn.conf.py "
+            "let gevent patch first: no `--preload` (`preload_app = False`), and nothing "
+            "in gunicorn.conf.py "
             "may import psycopg, the app or a module that creates an engine "
             "(`PSYCOPG_WAIT_FUNC=wait_poll` makes queries cooperative, not connects)",
         )
@@ -587,7 +589,21 @@ def _check_registries(setup: _Setup, scan: _Scan) -> list[Finding]:
                 "use greenscope's drop-in: `from greenscope import scoped_session`",
             )
         )
-    if unscoped:
+    if unscoped and setup.kind in _GEVENT_KINDS and not _removes_stock(setup):
+        findings.append(
+            Finding(
+                check,
+                "error",
+                f"{_plural(len(unscoped), 'SQLAlchemy scoped_session')} (not greenscope's) and "
+                "nothing visibly calls its remove() when a request ends: greenscope's "
+                "request-end removal skips SQLAlchemy's registries, and a gevent worker "
+                f"serves every keep-alive request of a connection in one greenlet, so {_REUSED}",
+                "use greenscope's drop-in, `from greenscope import scoped_session`, or call "
+                "`Session.remove()` at the end of every request (Flask: in a "
+                "teardown_appcontext function)",
+            )
+        )
+    elif unscoped:
         findings.append(
             Finding(
                 check,
@@ -617,9 +633,24 @@ def _check_registries(setup: _Setup, scan: _Scan) -> list[Finding]:
 
 
 _REUSED = (
-    "nothing removes Sessions at request end, so the next keep-alive request of a "
-    "connection gets the previous one's Session and open transaction"
+    "the next keep-alive request of a connection gets the previous one's Session and "
+    "open transaction"
 )
+_NOTHING_REMOVES = f"nothing removes Sessions at request end, so {_REUSED}"
+
+
+def _removes_stock(setup: _Setup) -> bool:
+    """Whether a Flask teardown or a post_request hook of the app's visibly calls remove().
+
+    greenscope's worker, hooks and middleware remove greenscope's registries only; a
+    SQLAlchemy scoped_session needs the app's own ``remove()``. Seen by name in the
+    function's code, as ``Session.remove()`` (and Flask-SQLAlchemy's teardown) has it.
+    """
+    funcs = list(getattr(setup.app, "teardown_appcontext_funcs", None) or [])  # Flask
+    hook = setup.post_request
+    if hook is not None and not _is_gunicorn_default(hook):
+        funcs.append(hook)
+    return any("remove" in getattr(getattr(f, "__code__", None), "co_names", ()) for f in funcs)
 
 
 def _check_request_end(setup: _Setup, scan: _Scan) -> list[Finding]:
@@ -663,7 +694,7 @@ def _check_request_end(setup: _Setup, scan: _Scan) -> list[Finding]:
         finding = Finding(
             check,
             "error",
-            f"{name} calls no post_request hook: {_REUSED}",
+            f"{name} calls no post_request hook: {_NOTHING_REMOVES}",
             "`-k greenscope.gunicorn.GeventPyWSGIWorker`, or wrap the app in "
             "greenscope.wsgi.GreenscopeMiddleware",
         )
@@ -671,7 +702,7 @@ def _check_request_end(setup: _Setup, scan: _Scan) -> list[Finding]:
         finding = Finding(
             check,
             "error",
-            f"{name} without a post_request hook: {_REUSED}",
+            f"{name} without a post_request hook: {_NOTHING_REMOVES}",
             "`-k greenscope.gunicorn.GeventWorker`, or greenscope's hooks in gunicorn.conf.py: "
             "`from greenscope.gunicorn import post_request` (and post_fork, worker_exit)",
         )

@@ -401,16 +401,30 @@ def test_stock_scoped_session_built_before_patching(doctor: Doctor) -> None:
     assert run.severities("stock-scoped-session") == ["error"]
 
 
-def test_stock_scoped_session_built_after_patching(doctor: Doctor) -> None:
-    """SQLAlchemy's scoped_session built after patching: per greenlet, an info, no failure."""
+def test_stock_scoped_session_nobody_removes_under_a_gevent_worker(doctor: Doctor) -> None:
+    """Built after patching it is per greenlet, but greenscope's worker does not remove it:
+    keep-alive requests would share a Session, an error."""
     run = doctor(
         "--app",
         "doctor_apps.stock_session:app",
         "--json",
         config=config(worker_connections=100),
     )
+    assert run.status == 1, run.stderr
+    assert run.severities("stock-scoped-session") == ["error"]
+
+
+def test_stock_scoped_session_removed_at_flask_teardown(doctor: Doctor) -> None:
+    """SQLAlchemy's scoped_session that the app removes at teardown: an info, no failure."""
+    run = doctor(
+        "--app",
+        "doctor_apps.stock_session_teardown:app",
+        "--json",
+        config=config("gevent", worker_connections=100),
+    )
     assert run.status == 0, run.stderr
     assert run.severities("stock-scoped-session") == ["info"]
+    assert run.severities("request-end-removal") == ["ok"]
 
 
 HOOK_COMPOSED = """
@@ -480,7 +494,7 @@ def test_no_config_assumes_greenscope_worker() -> None:
     assert inspected["worker_class_assumed"] is True
     assert inspected["worker_class"] == OUR_WORKER
     assert inspected["order"] == "patch-then-app"
-    assert run.worst() == {**ALL_OK, "pool-size": "info", "request-end-removal": "info"}
+    assert run.worst() == {**ALL_OK, "pool-size": "info"}
 
 
 def test_app_from_wsgi_app_setting_and_factory(doctor: Doctor) -> None:
