@@ -312,3 +312,15 @@ def test_forked_child_counts_inherited_sessions_as_forgotten(tmp_path: Path) -> 
         """
     )
     assert result == {"child": {"live": 0, "removed": 1}, "parent_live": 1}
+
+
+def test_db_session_refuses_new_sessions_after_close_all(
+    app_db: tuple[flask.Flask, Any, Any],
+) -> None:
+    """After close_all() (worker exit) db.session refuses, saying what to do, as the core does."""
+    app, db, _ = app_db
+    with app.app_context():
+        db.session.execute(text("SELECT 1"))
+        assert greenscope.close_all() >= 1
+        with pytest.raises(RuntimeError, match=r"close_all\(shutdown=False\)"):
+            db.session.execute(text("SELECT 1"))
