@@ -250,12 +250,42 @@ def prepare() -> None:
     _thread_reaper.ensure_started()
 
 
+def pin_forever(objs: list[Any]) -> None:
+    """Never free ``objs`` nor run their finalizers, for the rest of the process.
+
+    For what a forked child inherits: freed, a Session would let SQLAlchemy's pool roll
+    back a checked-out connection it finds garbage, on a socket (or SQLite file) the
+    parent still uses. A reference nothing drops: not even interpreter shutdown.
+    """
+    if not objs:
+        return
+    _PINNED.append(objs)
+    try:
+        import ctypes  # noqa: PLC0415 - only in a child that inherited values
+
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(objs))
+    except Exception:  # no ctypes (some embedded builds): kept until shutdown only
+        logger.debug("greenscope: could not pin inherited values", exc_info=True)
+
+
+_PINNED: list[list[Any]] = []
+
+
 def _after_fork_in_child() -> None:
     # Nothing queued before fork is the child's to close: those values hold connections
     # whose sockets the child shares with its parent (gunicorn forks workers from a master
     # that may have loaded the app with --preload). The reaper thread is gone anyway.
+    # Dropped, the jobs would free their values: they are pinned (see pin_forever).
+    inherited: list[Any] = []
     for reaper in list(_hub_reapers):
+        inherited.extend(reaper.jobs)
         reaper.jobs.clear()
+    while True:
+        try:
+            inherited.append(_thread_reaper.queue.get_nowait())
+        except _queue.Empty:
+            break
+    pin_forever(inherited)
     _pending.count = 0
     _thread_reaper.reset()
 

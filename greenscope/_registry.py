@@ -53,9 +53,11 @@ from sqlalchemy.util import ScopedRegistry
 from greenscope import _cleanup, _debug
 
 __all__ = [
+    "_CLOSE",
     "GreenletRegistry",
     "RegistryStats",
     "close_all",
+    "close_or_release",
     "current_sessions",
     "registries",
     "remove_current",
@@ -514,18 +516,7 @@ def _forget_inherited() -> None:
         for registry in values:
             registry._removed += 1
         kept.extend(values.values())
-    if kept:
-        _INHERITED.append(kept)
-        try:  # a reference nothing drops: not even interpreter shutdown frees them
-            import ctypes  # noqa: PLC0415 - only in a child that inherited values
-
-            ctypes.pythonapi.Py_IncRef(ctypes.py_object(kept))
-        except Exception:  # no ctypes (some embedded builds): kept until shutdown only
-            logger.debug("greenscope: could not pin inherited values", exc_info=True)
-
-
-# Values inherited across fork(), never to be touched (see _forget_inherited).
-_INHERITED: list[list[Any]] = []
+    _cleanup.pin_forever(kept)
 
 
 os.register_at_fork(after_in_child=_forget_inherited)

@@ -74,10 +74,21 @@ class AppContextSessions:
         self.entries: dict[int, tuple[weakref.ref[Any], Session]] = {}
 
     def close(self) -> None:
-        """Close every Session left: the greenlet ended or its request did."""
+        """Close every Session left: the greenlet ended or its request did.
+
+        Every one is closed even if a close is killed (``GreenletExit``): the first such
+        error is re-raised once all are handled, as :func:`greenscope.remove_current`
+        does, so no Session is dropped unclosed with its connection checked out.
+        """
         entries, self.entries = self.entries, {}
+        fatal: BaseException | None = None
         for _, session in entries.values():
-            self.registry._reap(session)
+            try:
+                self.registry._reap(session)
+            except BaseException as exc:  # _reap swallows Exceptions: a kill
+                fatal = fatal or exc
+        if fatal is not None:
+            raise fatal
 
 
 class AppContextRegistry(ScopedRegistry[Session]):
@@ -134,6 +145,9 @@ class AppContextRegistry(ScopedRegistry[Session]):
         except Exception:
             self._failed += 1
             logger.exception("greenscope: closing a Flask-SQLAlchemy Session failed")
+        except BaseException:
+            self._failed += 1
+            raise
 
     def __call__(self) -> Session:
         sessions, ctx, session = self._entry(create=True)

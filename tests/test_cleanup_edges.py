@@ -284,3 +284,42 @@ def test_a_failed_close_never_invalidates_the_applications_own_connection(
             Session.remove()
         assert not conn.invalidated
         assert conn.execute(text("SELECT 3")).scalar_one() == 3
+
+
+def test_forked_child_never_frees_a_close_queued_before_fork(tmp_path: Path) -> None:
+    """An orphan whose close was queued, not yet run, at fork is pinned in the child too."""
+    result = run_scenario(
+        f"""
+        import gc, json, os, sys
+        import gevent
+        from greenlet import greenlet
+        from sqlalchemy import create_engine, event, text
+        from sqlalchemy.orm import sessionmaker
+        import greenscope
+
+        marker = {str(tmp_path / "reset-in-child")!r}
+        parent = os.getpid()
+        engine = create_engine("sqlite:///{tmp_path / "queued.db"}")
+
+        @event.listens_for(engine.pool, "reset")
+        def on_reset(*args):
+            if os.getpid() != parent:
+                open(marker, "w").close()
+
+        Session = greenscope.scoped_session(sessionmaker(engine))
+        gevent.get_hub()
+        g = greenlet(lambda: Session.execute(text("SELECT 1")))
+        g.switch()
+        del g  # freed: its close is queued in the hub's reaper, which has not run yet
+        queued = greenscope._cleanup.pending()
+        pid = os.fork()
+        if pid == 0:
+            gc.collect()
+            sys.exit(0)  # a normal exit, finalization included
+        os.waitpid(pid, 0)
+        assert greenscope.wait_reaped(10)
+        engine.dispose()
+        print(json.dumps({{"queued": queued, "reset_in_child": os.path.exists(marker)}}))
+        """
+    )
+    assert result == {"queued": 1, "reset_in_child": False}

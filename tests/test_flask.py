@@ -324,3 +324,31 @@ def test_db_session_refuses_new_sessions_after_close_all(
         assert greenscope.close_all() >= 1
         with pytest.raises(RuntimeError, match=r"close_all\(shutdown=False\)"):
             db.session.execute(text("SELECT 1"))
+
+
+def test_a_kill_while_closing_one_context_still_closes_the_others(tmp_path: Path) -> None:
+    """A GreenletExit in one Session's close never drops another context's Session unclosed."""
+    from flask_sqlalchemy.session import Session as FlaskSession  # noqa: PLC0415
+    from greenlet import GreenletExit  # noqa: PLC0415
+
+    killed = [False]
+
+    class KilledOnce(FlaskSession):
+        def close(self) -> None:
+            super().close()
+            if not killed[0]:
+                killed[0] = True
+                raise GreenletExit
+
+    app = flask.Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{tmp_path / 'kill.db'}"
+    db = SQLAlchemy(app, session_options={"class_": KilledOnce})
+    with app.app_context():
+        db.session.execute(text("SELECT 1"))
+        with app.app_context():  # a second context in the same greenlet
+            db.session.execute(text("SELECT 2"))
+            assert db.engine.pool.checkedout() == 2
+            with pytest.raises(GreenletExit):
+                greenscope.remove_current()
+            assert db.engine.pool.checkedout() == 0
+        db.engine.dispose()
