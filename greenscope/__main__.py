@@ -17,9 +17,9 @@ gunicorn reads it), executed before anything is patched, as gunicorn's master do
 gunicorn's defaults fill the rest: worker_connections 1000, timeout 30, no preload.
 
 With neither a config nor ``--worker-class`` the doctor assumes what greenscope
-recommends, ``-k greenscope.gunicorn.GeventWorker`` without preload, and says so: the
-request-end check is then not run, and the pool check only with
-``--worker-connections``. gunicorn hooks (``post_fork``, ``post_worker_init``) are not
+recommends, ``-k greenscope.gunicorn.GeventWorker`` without preload, and says so:
+request-end removal is then not judged (an ``info`` says so), and the pool check only
+runs with ``--worker-connections``. gunicorn hooks (``post_fork``, ``post_worker_init``) are not
 run; code they would run is not seen.
 
 Exit status: 0 when nothing is wrong, 1 on an ``error`` finding (with ``--strict`` also
@@ -116,7 +116,10 @@ def _parser() -> argparse.ArgumentParser:
         "--worker-connections", type=_positive, metavar="N", help="gunicorn worker_connections"
     )
     cmd.add_argument(
-        "--preload", action="store_true", default=None, help="as gunicorn's preload_app"
+        "--preload",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="as gunicorn's preload_app (--no-preload overrides the config)",
     )
     cmd.add_argument("--chdir", metavar="DIR", help="as gunicorn's chdir")
     cmd.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -286,9 +289,12 @@ def _doctor(args: argparse.Namespace) -> int:
         os.chdir(setup.chdir)
     except OSError as exc:
         raise _UsageError(f"cannot change to the directory {setup.chdir!r}: {exc}") from exc
-    for path in [setup.chdir, *reversed((setup.pythonpath or "").split(","))]:
-        if path and path not in sys.path:
-            sys.path.insert(0, path)
+    # gunicorn: each pythonpath entry made absolute and put first, then chdir before them.
+    extra = [os.path.abspath(p) for p in (setup.pythonpath or "").split(",") if p]
+    for path in [*extra, setup.chdir]:
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
 
     if kind not in doctor._GEVENT_KINDS:
         app = _load_app(uri)
@@ -306,6 +312,7 @@ def _doctor(args: argparse.Namespace) -> int:
         worker_connections=setup.worker_connections,
         threads=setup.threads,
         worker_class=setup.worker_class or _ASSUMED,
+        worker_class_assumed=assumed,
         worker_timeout=setup.timeout,
         post_request=setup.post_request,
         app=app,

@@ -125,6 +125,7 @@ class _Setup:
     worker_timeout: float | None
     post_request: Callable[..., object] | None
     app: object
+    assumed: bool = False
 
 
 @dataclass
@@ -271,20 +272,55 @@ def _calls_greenscope(hook: Callable[..., object]) -> bool:
     return False
 
 
+def _wsgi_chain(app: object) -> list[object]:
+    """The app and what it wraps: middleware keep the next app in ``.app``,
+    ``.application`` or (Flask) ``.wsgi_app``. Bounded, cycle-safe, never raises."""
+    chain: list[object] = []
+    todo = [app]
+    while todo and len(chain) < 16:
+        obj = todo.pop(0)
+        if obj is None or any(obj is seen for seen in chain):
+            continue
+        chain.append(obj)
+        for attr in ("wsgi_app", "app", "application"):
+            try:
+                todo.append(getattr(obj, attr, None))
+            except Exception:  # a property that raises: not a wrapper
+                continue
+    return chain
+
+
+def _flask_apps(app: object) -> list[Any]:
+    return [a for a in _wsgi_chain(app) if hasattr(a, "teardown_appcontext_funcs")]
+
+
+def _teardown_funcs(app: object) -> list[Callable[..., object]]:
+    """Flask's teardown_appcontext and teardown_request functions (every blueprint's)."""
+    funcs: list[Callable[..., object]] = []
+    for flask_app in _flask_apps(app):
+        funcs += list(getattr(flask_app, "teardown_appcontext_funcs", None) or [])
+        per_blueprint = getattr(flask_app, "teardown_request_funcs", None) or {}
+        if isinstance(per_blueprint, dict):
+            for blueprint_funcs in per_blueprint.values():
+                funcs += list(blueprint_funcs)
+    return funcs
+
+
+def _calls_remove(func: object) -> bool:
+    """Whether ``func``'s code uses the name ``remove`` (``Session.remove()``)."""
+    return "remove" in getattr(getattr(func, "__code__", None), "co_names", ())
+
+
 def _app_removes(app: object) -> str | None:
     """How the app removes Sessions at request end by itself, if it visibly does."""
     from greenscope.wsgi import GreenscopeMiddleware  # noqa: PLC0415 - import cycle
 
-    for candidate in (app, getattr(app, "wsgi_app", None)):  # a Flask app's wsgi_app
-        if type(candidate) is GreenscopeMiddleware:
-            return "the app is wrapped in greenscope.wsgi.GreenscopeMiddleware"
-    teardown = getattr(app, "teardown_appcontext_funcs", None)  # Flask
-    if isinstance(teardown, list):
-        for func in teardown:
-            module = getattr(func, "__module__", "") or ""
-            names = getattr(getattr(func, "__code__", None), "co_names", ())
-            if module.startswith(("greenscope", "flask_sqlalchemy")) or "remove" in names:
-                return "Flask removes the Session at teardown_appcontext"
+    if any(type(a) is GreenscopeMiddleware for a in _wsgi_chain(app)):
+        return "the app is wrapped in greenscope.wsgi.GreenscopeMiddleware"
+    for func in _teardown_funcs(app):
+        module = getattr(func, "__module__", "") or ""
+        if module.startswith(("greenscope", "flask_sqlalchemy")) or _calls_remove(func):
+            return "Flask removes the Session in a teardown function"
     return None
 
 
@@ -368,8 +404,8 @@ def _check_psycopg(setup: _Setup, scan: _Scan) -> list[Finding]:
             "error",
             "psycopg 3 was imported before gevent patched the process, so it waits with "
             f"blocking calls: {' and '.join(blocking)} blocks every greenlet of the worker",
-            "let gevent patch first: no `--preload` (`preload_app = False`), and nothing "
-            "in gunicorn.conf.py "
+            "let gevent patch first: no `--preload` (`preload_app = False`), or with it "
+            "create engines lazily, at first use; and nothing in gunicorn.conf.py "
             "may import psycopg, the app or a module that creates an engine "
             "(`PSYCOPG_WAIT_FUNC=wait_poll` makes queries cooperative, not connects)",
         )
@@ -478,8 +514,9 @@ def _check_sqlite(setup: _Setup, scan: _Scan) -> list[Finding]:
                     f"{blocks}; that is at least gunicorn's timeout "
                     f"({setup.worker_timeout:g} s): a worker waiting for a lock sends no "
                     "heartbeat, and the master kills it (WORKER TIMEOUT)",
-                    "keep the busy timeout well below gunicorn's timeout (the default 5 s), "
-                    "and use a network database in production",
+                    "keep sqlite3's busy timeout (`connect_args={'timeout': ...}`, 5 s by "
+                    "default) well below gunicorn's timeout, and use a network database in "
+                    "production",
                 )
             )
         else:
@@ -590,19 +627,24 @@ def _check_registries(setup: _Setup, scan: _Scan) -> list[Finding]:
             )
         )
     if unscoped and setup.kind in _GEVENT_KINDS and not _removes_stock(setup):
-        findings.append(
-            Finding(
-                check,
-                "error",
-                f"{_plural(len(unscoped), 'SQLAlchemy scoped_session')} (not greenscope's) and "
-                "nothing visibly calls its remove() when a request ends: greenscope's "
-                "request-end removal skips SQLAlchemy's registries, and a gevent worker "
-                f"serves every keep-alive request of a connection in one greenlet, so {_REUSED}",
-                "use greenscope's drop-in, `from greenscope import scoped_session`, or call "
-                "`Session.remove()` at the end of every request (Flask: in a "
-                "teardown_appcontext function)",
-            )
+        stock = f"{_plural(len(unscoped), 'SQLAlchemy scoped_session')} (not greenscope's)"
+        why = (
+            "greenscope's request-end removal skips SQLAlchemy's registries, and a gevent "
+            "worker serves every keep-alive request of a connection in one greenlet"
         )
+        fix = (
+            "use greenscope's drop-in, `from greenscope import scoped_session`, or call "
+            "`Session.remove()` at the end of every request (Flask: in a teardown function)"
+        )
+        if _flask_apps(setup.app):  # Flask's teardowns are all there is to look at
+            message = f"{stock}, and no Flask teardown function calls remove(): {why}, so "
+            findings.append(Finding(check, "error", message + _REUSED, fix))
+        else:
+            message = (
+                f"{stock}: {why}; the doctor cannot see whether your app calls its "
+                f"remove() when each request ends, and if not, {_REUSED}"
+            )
+            findings.append(Finding(check, "warning", message, fix))
     elif unscoped:
         findings.append(
             Finding(
@@ -646,11 +688,11 @@ def _removes_stock(setup: _Setup) -> bool:
     SQLAlchemy scoped_session needs the app's own ``remove()``. Seen by name in the
     function's code, as ``Session.remove()`` (and Flask-SQLAlchemy's teardown) has it.
     """
-    funcs = list(getattr(setup.app, "teardown_appcontext_funcs", None) or [])  # Flask
+    funcs = _teardown_funcs(setup.app)
     hook = setup.post_request
     if hook is not None and not _is_gunicorn_default(hook):
         funcs.append(hook)
-    return any("remove" in getattr(getattr(f, "__code__", None), "co_names", ()) for f in funcs)
+    return any(_calls_remove(f) for f in funcs)
 
 
 def _check_request_end(setup: _Setup, scan: _Scan) -> list[Finding]:
@@ -667,6 +709,20 @@ def _check_request_end(setup: _Setup, scan: _Scan) -> list[Finding]:
     by_app = _app_removes(setup.app) if kind not in {None, "greenscope"} else None
     if kind is None:
         finding = Finding(check, "info", "worker class unknown: not checked")
+    elif setup.assumed:
+        finding = Finding(
+            check,
+            "info",
+            f"worker class assumed ({name}): not checked",
+            "pass the worker class (`-k`) or the gunicorn config (`-c`) to check it",
+        )
+    elif not greenscope.registries():
+        finding = Finding(
+            check,
+            "info",
+            "no greenscope registry: nothing for greenscope to remove (SQLAlchemy "
+            "scoped_sessions are checked under stock-scoped-session)",
+        )
     elif kind == "greenscope":
         finding = Finding(check, "ok", f"{name} removes each request's Sessions when it ends")
     elif kind == "other":
@@ -685,9 +741,10 @@ def _check_request_end(setup: _Setup, scan: _Scan) -> list[Finding]:
     elif kind == "threads":
         finding = Finding(
             check,
-            "info",
+            "warning",
             f"{name} is not a gevent worker: greenscope keeps one Session per thread, and "
-            "nothing removes it at request end",
+            "nothing removes it at request end, so the thread's next request gets the "
+            "previous one's Session and open transaction",
             "`from greenscope.gunicorn import post_request` in gunicorn.conf.py",
         )
     elif kind == "gevent-pywsgi":
@@ -728,6 +785,7 @@ def diagnose(
     worker_timeout: float | None = None,
     post_request: Callable[..., object] | None = None,
     app: object = None,
+    worker_class_assumed: bool = False,
 ) -> list[Finding]:
     """Inspect the current process; return the findings of every check, in report order.
 
@@ -737,7 +795,8 @@ def diagnose(
     serves at once are ``worker_connections`` for a gevent worker, ``threads`` for
     gthread, 1 for sync. ``worker_timeout`` is gunicorn's ``timeout``; ``post_request``
     the hook gunicorn will call (``cfg.post_request``); ``app`` the WSGI app, to see
-    whether it removes Sessions itself. A check that fails is reported as a ``warning``
+    whether it removes Sessions itself. ``worker_class_assumed``: the worker class is a
+    guess, so request-end removal is not judged. A check that fails is reported as a ``warning``
     naming the exception, never raised.
 
     .. versionadded:: 0.1
@@ -756,6 +815,7 @@ def diagnose(
         worker_timeout=worker_timeout,
         post_request=post_request,
         app=app,
+        assumed=worker_class_assumed,
     )
     scan = _scan()
     findings: list[Finding] = []

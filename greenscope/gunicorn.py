@@ -173,12 +173,8 @@ def _run_doctor(worker: Any) -> None:
         for finding in findings:
             if finding.severity in {"warning", "error"}:
                 log = worker.log.error if finding.severity == "error" else worker.log.warning
-                log(
-                    "greenscope doctor %s: %s. Fix: %s",
-                    finding.check,
-                    finding.message,
-                    finding.fix,
-                )
+                fix = f" Fix: {finding.fix}" if finding.fix else ""
+                log("greenscope doctor %s: %s.%s", finding.check, finding.message, fix)
     except Exception:
         worker.log.exception("greenscope doctor: the checks failed; skipped")
 
