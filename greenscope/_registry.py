@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import operator
 import os
 import sys
 import weakref
@@ -46,14 +45,12 @@ from typing import Any, Generic, TypeVar
 
 from greenlet import getcurrent
 from greenlet import greenlet as RawGreenlet
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
 from greenscope import _cleanup, _debug
 
 __all__ = [
-    "_CLOSE",
     "GreenletRegistry",
     "RegistryStats",
     "close_all",
@@ -272,53 +269,53 @@ def _close_counted(
     return None
 
 
-_CLOSE = operator.methodcaller("close")  # value.close(), whatever its class overrides
+def _close_value(value: Any) -> None:
+    close = getattr(value, "close", None)
+    if close is not None:
+        close()
 
 
-def close_or_release(value: Any, close: Callable[[Any], object]) -> None:
-    """``close(value)``; if that raises, invalidate the connections ``value`` held first.
+def close_or_release(value: Any, close: Callable[[Any], object] = _close_value) -> None:
+    """``close(value)``; if that raises, invalidate the connections ``value`` opened.
 
     A ``Session`` whose rollback fails part-way forgets its transaction but leaves the
     connection checked out; dropped, it then sits in a reference cycle until the cyclic
     GC, whose rollback may run in the hub and fail with ``BlockingSwitchOutError``
     (gevent#1937): the very leak greenscope exists to prevent. Invalidating closes the
     connections without a round trip and returns them to the pool at once, which opens
-    fresh ones as needed. The error is re-raised.
+    fresh ones as needed. The error is re-raised. On success this costs one
+    ``get_transaction()``: the transaction is kept only to look at if the close fails.
     """
-    held = _held_connections(value)
+    tx = value.get_transaction() if isinstance(value, Session) else None
     # Debug mode: greenscope closes from wherever it runs (the reaper, close_all), which
     # is no misuse; the owner is restored after, so a later use elsewhere is caught.
     owner = _debug.untag(value) if _debug.active else None
     try:
         close(value)
     except BaseException:
-        for conn in held:
-            if not conn.closed and not conn.invalidated:
-                try:
-                    conn.invalidate()
-                except Exception:
-                    logger.exception("greenscope: invalidating a connection failed too")
+        _invalidate_opened(tx)
         raise
     finally:
         if owner is not None:
             _debug.retag(value, owner)
 
 
-def _held_connections(value: Any) -> list[Connection]:
-    if not isinstance(value, Session):
-        return []
-    tx = value.get_transaction()
-    # Private, but stable across SQLAlchemy 2.0 and 2.1: bind -> (Connection, transaction,
-    # should_commit, autoclose). autoclose is False for a Connection the application
-    # passed as bind= (joining an external transaction): that one is not ours to drop.
+def _invalidate_opened(tx: Any) -> None:
+    """Invalidate what a failed close left of ``tx``'s connections (kept after close).
+
+    ``_connections`` is private, but stable across SQLAlchemy 2.0 and 2.1: bind ->
+    (Connection, transaction, should_commit, autoclose). autoclose is False for a
+    Connection the application passed as ``bind=`` (joining an external transaction):
+    that one is not ours to drop.
+    """
     entries = getattr(tx, "_connections", None) or {}
-    return list({id(e[0]): e[0] for e in entries.values() if len(e) > 3 and e[3]}.values())
-
-
-def _close_value(value: Any) -> None:
-    close = getattr(value, "close", None)
-    if close is not None:
-        close()
+    opened = {id(e[0]): e[0] for e in entries.values() if len(e) > 3 and e[3]}
+    for conn in opened.values():
+        if not conn.closed and not conn.invalidated:
+            try:
+                conn.invalidate()
+            except Exception:
+                logger.exception("greenscope: invalidating a connection failed too")
 
 
 class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):

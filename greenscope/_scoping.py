@@ -13,7 +13,7 @@ from sqlalchemy import util as sa_util
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 
-from greenscope._registry import _CLOSE, GreenletRegistry, close_or_release
+from greenscope._registry import GreenletRegistry, close_or_release
 
 __all__ = ["scoped_session", "session_scope"]
 
@@ -101,7 +101,7 @@ class scoped_session(_sa_scoped_session[_S]):
         """
         try:
             if self.registry.has():
-                close_or_release(self.registry(), _CLOSE)
+                close_or_release(self.registry())
         except BaseException:
             if isinstance(self.registry, GreenletRegistry):
                 self.registry._failed += 1

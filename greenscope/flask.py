@@ -50,7 +50,7 @@ from sqlalchemy.orm import scoped_session as _sa_scoped_session
 from sqlalchemy.util import ScopedRegistry
 
 from greenscope import _debug
-from greenscope._registry import _CLOSE, GreenletRegistry, RegistryStats, close_or_release
+from greenscope._registry import GreenletRegistry, RegistryStats, close_or_release
 from greenscope._scoping import scoped_session
 
 __all__ = ["AppContextRegistry", "SQLAlchemy", "remove_at_teardown"]
@@ -141,7 +141,7 @@ class AppContextRegistry(ScopedRegistry[Session]):
         self._live -= 1
         self._reaped += 1
         try:
-            close_or_release(session, _CLOSE)
+            close_or_release(session)
         except Exception:
             self._failed += 1
             logger.exception("greenscope: closing a Flask-SQLAlchemy Session failed")
