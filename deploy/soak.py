@@ -315,17 +315,17 @@ class Soak:
 
     # -- faults ---------------------------------------------------------------------
 
+    def _backends(self, sql: str) -> list[Any]:
+        """Rows of ``sql`` about this soak's backends (``:p`` matches their names)."""
+        with self.admin.connect() as conn:
+            return list(conn.execute(text(sql), {"p": f"{self.app_prefix}-%"}).all())
+
     def _terminate_one_backend(self) -> bool:
         """Kill one of the soak's backends that is idle inside a transaction."""
-        with self.admin.connect() as conn:
-            killed = conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE application_name LIKE :p AND state = 'idle in transaction' "
-                    "LIMIT 1"
-                ),
-                {"p": f"{self.app_prefix}-%"},
-            ).all()
+        killed = self._backends(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name LIKE :p AND state = 'idle in transaction' LIMIT 1"
+        )
         return bool(killed and killed[0][0])
 
     def _sample_connections(self) -> None:
@@ -334,16 +334,11 @@ class Soak:
         # notices (deploy/README.md). Only /timeout runs pg_sleep, and its 0.05 s timeout
         # always cuts it short: its backends, abandoned or about to be, are counted apart
         # (undercounting the pool's by the few /timeout requests in flight at a sample).
-        with self.admin.connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT application_name, count(*), count(*) FILTER (WHERE "
-                    "state = 'active' AND query LIKE 'SELECT pg_sleep%') "
-                    "FROM pg_stat_activity WHERE application_name LIKE :p "
-                    "GROUP BY application_name"
-                ),
-                {"p": f"{self.app_prefix}-%"},
-            ).all()
+        rows = self._backends(
+            "SELECT application_name, count(*), count(*) FILTER (WHERE "
+            "state = 'active' AND query LIKE 'SELECT pg_sleep%') "
+            "FROM pg_stat_activity WHERE application_name LIKE :p GROUP BY application_name"
+        )
         with self.tally.lock:
             for name, n, abandoned in rows:
                 self.tally.max_conns[name] = max(self.tally.max_conns.get(name, 0), n - abandoned)
@@ -444,14 +439,10 @@ class Soak:
                 break
             time.sleep(0.05)
         pids = set(self.worker_pids())
-        with self.admin.connect() as conn:
-            idle_in_tx, total = conn.execute(
-                text(
-                    "SELECT count(*) FILTER (WHERE state LIKE 'idle in transaction%'), "
-                    "count(*) FROM pg_stat_activity WHERE application_name LIKE :p"
-                ),
-                {"p": f"{self.app_prefix}-%"},
-            ).one()
+        [(idle_in_tx, total)] = self._backends(
+            "SELECT count(*) FILTER (WHERE state LIKE 'idle in transaction%'), "
+            "count(*) FROM pg_stat_activity WHERE application_name LIKE :p"
+        )
         return {
             "workers_seen": sorted(p for p in seen if p in pids),
             "workers": sorted(pids),
@@ -472,11 +463,9 @@ class Soak:
         # A backend ends a moment after its client closed the socket: give it 5 s.
         end = time.monotonic() + 5
         while True:
-            with self.admin.connect() as conn:
-                left = conn.execute(
-                    text("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE :p"),
-                    {"p": f"{self.app_prefix}-%"},
-                ).scalar_one()
+            [(left,)] = self._backends(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE :p"
+            )
             if left == 0 or time.monotonic() > end:
                 break
             time.sleep(0.1)
