@@ -4,7 +4,9 @@ The public API is exactly ``__all__``; every other module whose name starts with
 private and may change without notice.
 """
 
+from greenscope._cleanup import CleanupSettings, configure_cleanup
 from greenscope._debug import set_debug
+from greenscope._engines import register_engine
 from greenscope._registry import (
     GreenletRegistry,
     RegistryStats,
@@ -18,10 +20,13 @@ from greenscope._registry import (
 from greenscope._scoping import scoped_session, session_scope
 
 __all__ = [
+    "CleanupSettings",
     "GreenletRegistry",
     "RegistryStats",
     "close_all",
+    "configure_cleanup",
     "current_sessions",
+    "register_engine",
     "registries",
     "remove_current",
     "scoped_session",

@@ -1,4 +1,4 @@
-"""Hand the close of an orphaned value to a context where blocking is allowed.
+"""Run the close of an orphaned value where blocking is allowed, concurrently, with a deadline.
 
 We learn that a greenlet died in contexts where I/O is forbidden:
 
@@ -7,50 +7,88 @@ We learn that a greenlet died in contexts where I/O is forbidden:
 * a weakref callback runs wherever the greenlet happened to be freed: very often in the
   hub (gevent frees an unreferenced ``Pool`` greenlet right after it finishes), during a
   cyclic GC pass in any greenlet, or in another thread (a thread's main greenlet is freed
-  by whichever thread notices the thread is gone).
+  by whichever thread notices the thread is gone), or while a thread itself is torn down.
 
 A ``Session.close()`` there fails with ``BlockingSwitchOutError``, invalidates the
 connection and eventually exhausts the pool (gevent#1937, dify#24143). So those callbacks
 only call :func:`submit`, which appends a job to a queue and never does I/O, logging or
-locking. A worker in a context that may block drains the queue:
+locking. Workers in contexts that may block run the jobs::
 
-    owner thread has a live gevent hub  --> _HubReaper of that hub: a greenlet spawned
-                                            in the hub's own thread (sockets belong to
-                                            the hub of the thread that uses them)
-    no hub, or the owner thread is gone --> _ThreadReaper: one daemon OS thread (a real
-                                            one even after monkey-patching)
+    owner thread has a live gevent hub  --> _HubReaper of that hub: up to N job greenlets
+                                            spawned in the hub's own thread (sockets
+                                            belong to the hub of the thread using them)
+    no hub, the hub was destroyed, or   --> _ThreadReaper: up to N daemon OS threads (real
+    the owner thread is gone                ones even after monkey-patching)
+                      every running job --> _Watchdog: one daemon OS thread that enforces
+                                            each job's deadline and rescues the queues of
+                                            destroyed hubs
 
-Every job is a zero-argument callable that handles and logs its own errors; a job that
-raises anyway is logged here, so nothing dies silently in a reaper.
+Invariants:
+
+* **No head-of-line blocking.** A job that hangs (a ROLLBACK waiting on a dead TCP peer,
+  a huge rollback) holds one of the N slots only until its deadline
+  (:attr:`CleanupSettings.close_timeout`). Then the watchdog *cuts* it: it shuts the
+  job's sockets down from outside (``shutdown(2)`` works from any thread and wakes a
+  blocked ``recv``, cooperative or not), the driver fails, and the close invalidates
+  the connection, which frees its pool slot; the slot is given to the next job at once.
+  In a hub the job greenlet is also thrown :class:`CloseDeadline`, for a close blocked on
+  something other than a socket.
+* **What cannot be interrupted:** a thread blocked inside a driver call that has no
+  socket we can reach (SQLite's own file locks, a C driver holding the GIL-free call
+  with no fd) stays blocked. Its slot is still released and a replacement thread takes
+  over its queue, so no *other* close waits for it; the blocked thread finishes (and
+  counts) when the call returns, or never. Replacements are capped (4 N threads).
+* Every job is a zero-argument callable that handles, counts and logs its own errors; a
+  job that raises anyway is logged here, so nothing dies silently in a reaper.
+
+Thread/greenlet safety: ``submit`` is reentrant (deque appends, ``SimpleQueue.put`` and
+loop callbacks only). The watchdog's table is guarded by a real lock that is only ever
+taken in ordinary code (job workers and the watchdog thread), never in a callback.
 """
 
 from __future__ import annotations
 
 import _queue
+import _socket
 import _thread
+import contextlib
 import logging
 import os
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import greenlet
 
 __all__ = [
+    "CleanupSettings",
+    "CloseDeadline",
+    "configure_cleanup",
     "get_ident",
     "hub_if_exists",
     "in_hub",
     "pending",
     "prepare",
+    "settings",
+    "shutdown_sockets",
     "submit",
     "wait_idle",
 ]
 
 logger = logging.getLogger("greenscope")
 
-Job = Callable[[], None]
+
+class Job(Protocol):
+    """A cleanup job: runs once, handles and logs its own errors."""
+
+    def __call__(self) -> None: ...
+
+    def cut(self) -> None:
+        """Called once, from the watchdog thread, when the job passed its deadline."""
+
 
 try:  # gevent is optional: without it every job goes to the thread reaper.
     from gevent import sleep as _gevent_sleep
@@ -69,10 +107,87 @@ if _get_original is not None:
     get_ident: Callable[[], int] = _get_original("_thread", "get_ident")
     _start_new_thread: Callable[..., int] = _get_original("_thread", "start_new_thread")
     _allocate_lock: Callable[[], _thread.LockType] = _get_original("_thread", "allocate_lock")
+    _ThreadLocal: type = _get_original("_thread", "_local")
 else:  # pragma: no cover - exercised by a subprocess test
     get_ident = _thread.get_ident
     _start_new_thread = _thread.start_new_thread
     _allocate_lock = _thread.allocate_lock
+    _ThreadLocal = _thread._local
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CleanupSettings:
+    """How greenscope runs the closes it owns (orphans, :func:`greenscope.close_all`).
+
+    ``close_timeout``: seconds a close may take before greenscope stops waiting for it
+    and cuts its connections (default 10). A ROLLBACK is normally milliseconds; a close
+    that takes longer waits on a dead peer or on a lock, and the database rolls back a
+    cut connection's transaction by itself. ``max_concurrent_closes``: closes run at
+    once per hub, and by the reaper threads (default 8). ``orphan_warnings_per_minute``:
+    orphan WARNINGs logged in full per minute before greenscope switches to one summary
+    line a minute (default 10; the counters stay exact either way).
+
+    .. versionadded:: 0.2
+    """
+
+    close_timeout: float = 10.0
+    max_concurrent_closes: int = 8
+    orphan_warnings_per_minute: int = 10
+
+
+_settings = CleanupSettings()
+
+
+def settings() -> CleanupSettings:
+    """The cleanup settings in force."""
+    return _settings
+
+
+def configure_cleanup(
+    *,
+    close_timeout: float | None = None,
+    max_concurrent_closes: int | None = None,
+    orphan_warnings_per_minute: int | None = None,
+) -> CleanupSettings:
+    """Change how greenscope runs the closes it owns; return the previous settings.
+
+    Arguments left out keep their value. Takes effect for closes started afterwards.
+    See :class:`CleanupSettings` for what each one means.
+
+    .. versionadded:: 0.2
+    """
+    global _settings  # one process-wide setting, read when a job starts
+    new = _settings
+    if close_timeout is not None:
+        if isinstance(close_timeout, bool) or not isinstance(close_timeout, (int, float)):
+            raise TypeError(f"close_timeout must be a number of seconds; got {close_timeout!r}")
+        if not close_timeout > 0:
+            raise ValueError(
+                f"close_timeout must be more than 0 seconds; got {close_timeout!r}. A close "
+                "with no deadline could hold its pool slot forever."
+            )
+        new = replace(new, close_timeout=float(close_timeout))
+    if max_concurrent_closes is not None:
+        if isinstance(max_concurrent_closes, bool) or not isinstance(max_concurrent_closes, int):
+            raise TypeError(f"max_concurrent_closes must be an int; got {max_concurrent_closes!r}")
+        if max_concurrent_closes < 1:
+            raise ValueError(
+                f"max_concurrent_closes must be at least 1; got {max_concurrent_closes}"
+            )
+        new = replace(new, max_concurrent_closes=max_concurrent_closes)
+    if orphan_warnings_per_minute is not None:
+        n = orphan_warnings_per_minute
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"orphan_warnings_per_minute must be an int >= 0; got {n!r}")
+        new = replace(new, orphan_warnings_per_minute=n)
+    previous, _settings = _settings, new
+    return previous
+
+
+# -- where we are ---------------------------------------------------------------------------
 
 
 def hub_if_exists() -> Any | None:
@@ -93,11 +208,24 @@ def _loop_alive(hub: Any) -> bool:
     return loop is not None and not getattr(hub, "dead", False)
 
 
+class CloseDeadline(BaseException):
+    """Thrown into a close that passed :attr:`CleanupSettings.close_timeout` in a hub.
+
+    A ``BaseException``, so that SQLAlchemy treats it as an exit exception and
+    invalidates the connection instead of resetting it (``util.is_exit_exception``).
+    Never leaves greenscope.
+    """
+
+
+# -- bookkeeping -----------------------------------------------------------------------------
+
+
 class _Pending:
     """Jobs submitted and not yet finished, for :func:`wait_idle`.
 
     Plain int updates: exact under the GIL (an ``int`` attribute increment cannot be
     interrupted by a thread switch or a GC pass); approximate on free-threaded builds.
+    A job cut at its deadline stops counting: nobody waits for it any more.
     """
 
     __slots__ = ("count",)
@@ -110,69 +238,207 @@ _pending = _Pending()
 
 
 def pending() -> int:
-    """Jobs submitted and not finished yet."""
+    """Jobs submitted and not finished (or cut) yet."""
     return _pending.count
 
 
-def _run_job(job: Job) -> None:
-    # Jobs log and count their own failures and do not raise; this is the last line of
-    # defence, so that a reaper never dies and nothing reaches the hub or another greenlet.
+class _Running:
+    """One job being run, as the watchdog sees it.
+
+    ``state`` moves once from ``running`` to ``done`` (the worker finished it in time) or
+    to ``cut`` (the watchdog fired): whoever moves it, under the watchdog's lock, owns
+    the bookkeeping (the pending count and the worker slot). ``on_cut`` runs in the
+    watchdog thread after the job's sockets were shut down.
+    """
+
+    __slots__ = ("deadline", "job", "on_cut", "state")
+
+    def __init__(self, job: Job, deadline: float, on_cut: Callable[[_Running], None]) -> None:
+        self.job = job
+        self.deadline = deadline
+        self.on_cut = on_cut
+        self.state = "running"
+
+
+class _Watchdog:
+    """One daemon OS thread: cuts jobs past their deadline; rescues destroyed hubs' jobs.
+
+    Started by :func:`prepare` in ordinary code. It wakes at the earliest deadline, or
+    every ``_SWEEP_INTERVAL`` to move the queued jobs of destroyed hubs to the thread
+    reaper (independently of how busy the thread reaper is) and to flush the orphan
+    warnings summary.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.lock = _allocate_lock()
+        self.wake = _allocate_lock()
+        self.wake.acquire()
+        self.running: set[_Running] = set()
+        self.started = False
+        self.periodic: list[Callable[[], None]] = []
+        self.sleep_until = 0.0
+
+    def ensure_started(self) -> None:
+        if self.started:
+            return
+        with self.lock:
+            if not self.started:
+                _start_new_thread(self._run, ())
+                self.started = True
+
+    def start(self, job: Job, on_cut: Callable[[_Running], None]) -> _Running:
+        entry = _Running(job, time.monotonic() + _settings.close_timeout, on_cut)
+        with self.lock:
+            self.running.add(entry)
+            if entry.deadline < self.sleep_until:  # a short close_timeout: wake up earlier
+                self.sleep_until = entry.deadline
+                with contextlib.suppress(RuntimeError):  # already woken
+                    self.wake.release()
+        return entry
+
+    def finish(self, entry: _Running) -> bool:
+        """The worker finished ``entry``; True if in time (it still owns the bookkeeping)."""
+        with self.lock:
+            self.running.discard(entry)
+            if entry.state != "running":
+                return False
+            entry.state = "done"
+            return True
+
+    def _run(self) -> None:
+        next_sweep = time.monotonic() + _SWEEP_INTERVAL
+        while True:
+            now = time.monotonic()
+            due: list[_Running] = []
+            with self.lock:
+                earliest = next_sweep
+                for entry in self.running:
+                    if entry.deadline <= now:
+                        due.append(entry)
+                    else:
+                        earliest = min(earliest, entry.deadline)
+                for entry in due:
+                    self.running.discard(entry)
+                    entry.state = "cut"
+                self.sleep_until = earliest
+            for entry in due:
+                self._cut(entry)
+            if now >= next_sweep:
+                next_sweep = now + _SWEEP_INTERVAL
+                for task in list(self.periodic):
+                    try:
+                        task()
+                    except Exception:  # pragma: no cover - defensive
+                        logger.exception("greenscope: a periodic cleanup task failed")
+            self.wake.acquire(timeout=max(0.0, earliest - time.monotonic()))
+
+    @staticmethod
+    def _cut(entry: _Running) -> None:
+        _pending.count -= 1  # nobody waits for a cut job any more
+        try:
+            entry.job.cut()
+        except Exception:  # pragma: no cover - defensive
+            logger.exception("greenscope: cutting a hung close failed")
+        try:
+            entry.on_cut(entry)
+        except Exception:  # pragma: no cover - defensive
+            logger.exception("greenscope: releasing a hung close's slot failed")
+
+
+_SWEEP_INTERVAL = 1.0
+_watchdog = _Watchdog()
+
+
+def _run_job(job: Job, on_cut: Callable[[_Running], None]) -> bool:
+    """Run ``job`` under the watchdog; True if it finished before its deadline.
+
+    Jobs log and count their own failures and do not raise; this is the last line of
+    defence, so that a reaper never dies and nothing reaches the hub or another greenlet.
+    """
+    entry = _watchdog.start(job, on_cut)
     try:
         job()
+    except CloseDeadline:
+        pass  # cut in a hub: the job already logged and counted it
     except BaseException:  # pragma: no cover - defensive
         logger.exception("greenscope: a cleanup job failed")
     finally:
-        _pending.count -= 1
+        in_time = _watchdog.finish(entry)
+        if in_time:
+            _pending.count -= 1
+    return in_time
+
+
+# -- hubs -----------------------------------------------------------------------------------
 
 
 class _HubReaper:
-    """Drains jobs in a greenlet of one hub's thread. One per hub, stored on the hub.
+    """Runs jobs in up to N greenlets of one hub's thread. One per hub, stored on the hub.
 
     ``submit`` may run in the hub, in a GC callback or in any greenlet of the hub's
-    thread: it only appends and schedules a loop callback. The drain greenlet is spawned
-    from that callback, so it starts from the hub like any gevent greenlet.
+    thread: it only appends and schedules a loop callback. Job greenlets are started
+    from that callback (in the hub), each drains the queue until it is empty. ``running``
+    counts greenlets holding a slot; a greenlet whose job was cut gives its slot up at
+    the cut and ends when its job returns.
     """
 
-    __slots__ = ("__weakref__", "hub", "jobs", "scheduled")
+    __slots__ = ("__weakref__", "fill_scheduled", "hub", "jobs", "running")
 
     def __init__(self, hub: Any) -> None:
         self.hub = hub
         self.jobs: deque[Job] = deque()
-        self.scheduled = False
+        self.running = 0
+        self.fill_scheduled = False  # read and written in the hub's thread only
         _hub_reapers.add(self)
 
     def submit(self, job: Job) -> None:
         self.jobs.append(job)  # deque.append is atomic: safe from any context
-        if not self.scheduled:
-            self.scheduled = True
-            self.hub.loop.run_callback(self._spawn)
+        if not self.fill_scheduled and self.running < _settings.max_concurrent_closes:
+            self.fill_scheduled = True
+            self.hub.loop.run_callback(self._fill)
 
     def submit_threadsafe(self, job: Job) -> None:
         self.jobs.append(job)
-        # The flag is only read and written in the hub's thread, so we always wake it.
-        self.hub.loop.run_callback_threadsafe(self._spawn_if_needed)
+        self.hub.loop.run_callback_threadsafe(self._fill)
 
-    def _spawn_if_needed(self) -> None:
-        if not self.scheduled and self.jobs:
-            self.scheduled = True
-            self._spawn()
+    def _fill(self) -> None:  # runs in the hub: start greenlets up to the limit
+        self.fill_scheduled = False
+        while self.jobs and self.running < _settings.max_concurrent_closes:
+            self.running += 1
+            worker = greenlet.greenlet(self._drain, self.hub)
+            self.hub.loop.run_callback(worker.switch)
 
-    def _spawn(self) -> None:  # runs in the hub
-        drain = greenlet.greenlet(self._drain, self.hub)
-        self.hub.loop.run_callback(drain.switch)
+    def _drain(self) -> None:  # its own greenlet: may block
+        me = greenlet.getcurrent()
+        holds_slot = True
 
-    def _drain(self) -> None:  # runs in its own greenlet: may block
+        def on_cut(entry: _Running) -> None:  # the watchdog thread
+            self.hub.loop.run_callback_threadsafe(self._after_cut, me)
+
         try:
             while self.jobs:
-                _run_job(self.jobs.popleft())
+                if not _run_job(self.jobs.popleft(), on_cut):
+                    holds_slot = False  # the slot went to another greenlet at the cut
+                    return
         finally:
-            self.scheduled = False
+            if holds_slot:
+                self.running -= 1
             if self.jobs and _loop_alive(self.hub):  # killed mid-drain, or a late submit
-                self.scheduled = True
-                self.hub.loop.run_callback(self._spawn)
+                self.hub.loop.run_callback(self._fill)
+
+    def _after_cut(self, worker: greenlet.greenlet) -> None:  # in the hub
+        self.running -= 1
+        if not worker.dead:
+            # Blocked on something the socket shutdown did not wake (or not yet): stop it.
+            # Thrown from a loop callback, as gevent's own kill() does.
+            worker.throw(CloseDeadline())
+        self._fill()
 
 
-# Every hub reaper, so the thread reaper can rescue the jobs of a destroyed hub.
+# Every hub reaper, so the watchdog can rescue the jobs of a destroyed hub.
 _hub_reapers: weakref.WeakSet[_HubReaper] = weakref.WeakSet()
 
 
@@ -183,71 +449,230 @@ def _hub_reaper(hub: Any) -> _HubReaper:
     return reaper
 
 
+def _rescue_orphaned_hub_jobs() -> None:
+    """Take over the jobs of hubs that were destroyed before they could run them.
+
+    A thread that ends (or a ``ThreadPool`` that is killed) may destroy its hub with
+    jobs still queued. Closing in a reaper thread, off the owner's thread, is the only
+    option left: it works for drivers whose connections may change threads once their
+    owner is gone (psycopg, pg8000, PyMySQL); a failure is logged and counted.
+    """
+    for reaper in list(_hub_reapers):
+        if reaper.jobs and not _loop_alive(reaper.hub):
+            while reaper.jobs:
+                _thread_reaper.submit(reaper.jobs.popleft())
+
+
+# -- threads --------------------------------------------------------------------------------
+
+
 class _ThreadReaper:
-    """One daemon OS thread that runs jobs whose owner has no usable hub.
+    """Daemon OS threads that run jobs whose owner has no usable hub.
 
     ``_queue.SimpleQueue.put`` is reentrant: documented as safe from ``__del__`` and
-    weakref callbacks. The thread is started lazily by :func:`prepare`,
-    from ordinary code, never from a callback (starting a thread takes locks).
+    weakref callbacks. The first thread is started by :func:`prepare`, from ordinary
+    code, never from a callback (starting a thread takes locks); a worker that finds more
+    work queued and no idle peer starts another, up to ``max_concurrent_closes``, and a
+    worker cut at its deadline is replaced at once (by the watchdog). Workers beyond the
+    first exit after an idle while. Threads stuck in closes that cannot be interrupted
+    are capped at four times the limit: past that, the queue waits for one to return.
     """
-
-    __slots__ = ("lock", "queue", "started")
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.queue: _queue.SimpleQueue[Job] = _queue.SimpleQueue()
-        self.started = False
         self.lock = _allocate_lock()
+        self.workers = 0  # threads holding a slot
+        self.stuck = 0  # cut at their deadline, still inside their job
+        self.idle = 0
+
+    @property
+    def started(self) -> bool:
+        return self.workers > 0
 
     def ensure_started(self) -> None:
-        if self.started:
-            return
+        if self.workers == 0:
+            self._grow()
+
+    def _grow(self) -> None:
+        """Start one more worker if below the limit. Ordinary code only (takes locks)."""
         with self.lock:
-            if not self.started:
-                _start_new_thread(self._run, ())
-                self.started = True
+            limit = _settings.max_concurrent_closes
+            if self.workers >= limit:
+                return
+            capped = self.stuck >= 4 * limit
+            if not capped:
+                self.workers += 1
+        if capped:
+            logger.error(
+                "greenscope: %d cleanup threads are stuck in closes that cannot be "
+                "interrupted; no more are started until one of them returns",
+                self.stuck,
+            )
+            return
+        _start_new_thread(self._run, ())
 
     def submit(self, job: Job) -> None:
         self.queue.put(job)
 
+    def _on_cut(self, entry: _Running) -> None:  # the watchdog thread
+        with self.lock:
+            self.workers -= 1
+            self.stuck += 1
+        self._grow()  # a replacement takes over the queue at once
+
     def _run(self) -> None:
         while True:
+            with self.lock:
+                self.idle += 1
             try:
-                job = self.queue.get(timeout=_SWEEP_INTERVAL)
+                job = self.queue.get(timeout=_IDLE_EXIT)
             except _queue.Empty:
-                self._rescue_orphaned_hub_jobs()
+                with self.lock:
+                    self.idle -= 1
+                    if self.workers > 1:  # keep one worker; the rest go when idle
+                        self.workers -= 1
+                        return
                 continue
-            _run_job(job)
-
-    def _rescue_orphaned_hub_jobs(self) -> None:
-        """Take over the jobs of hubs that were destroyed before they could run them.
-
-        A thread that ends (or a ``ThreadPool`` that is killed) may destroy its hub with
-        jobs still queued. Closing here, off the owner's thread, is the only option left:
-        it works for drivers whose connections may change threads once their owner is
-        gone (psycopg, pg8000, PyMySQL); a failure is logged and counted.
-        """
-        for reaper in list(_hub_reapers):
-            if reaper.jobs and not _loop_alive(reaper.hub):
-                while reaper.jobs:
-                    self.queue.put(reaper.jobs.popleft())
+            with self.lock:
+                self.idle -= 1
+                more = self.idle == 0 and not self.queue.empty()
+            if more:
+                self._grow()
+            if not _run_job(job, self._on_cut):
+                with self.lock:
+                    self.stuck -= 1
+                return  # replaced at the cut: this thread is surplus now
 
 
-_SWEEP_INTERVAL = 1.0
+_IDLE_EXIT = 5.0
 _thread_reaper = _ThreadReaper()
 
 
 def prepare() -> None:
     """Called when a greenlet first registers a value: make sure every cleanup path exists.
 
-    Only the thread reaper needs preparing (a hub reaper is created inside ``submit``).
-    It is the fallback of every owner (a hub can be destroyed before its greenlets are
-    freed), so it is started here, in ordinary code, keeping thread creation out of
-    callbacks. Cost after the first call: one attribute check.
+    The thread reaper is the fallback of every owner (a hub can be destroyed before its
+    greenlets are freed), and the watchdog guards every job, so both are started here,
+    in ordinary code, keeping thread creation out of callbacks. Cost after the first
+    call: two attribute checks.
     """
-    _thread_reaper.ensure_started()
+    if not _watchdog.started:
+        _watchdog.ensure_started()
+    if not _thread_reaper.started:
+        _thread_reaper.ensure_started()
+
+
+def add_periodic(task: Callable[[], None]) -> None:
+    """Run ``task`` about once a second in the watchdog thread (must not block)."""
+    _watchdog.periodic.append(task)
+
+
+add_periodic(_rescue_orphaned_hub_jobs)
+
+
+# -- cutting a hung close --------------------------------------------------------------------
+
+_SOCKET_ATTRS = ("_usock", "_sock", "sock", "socket")  # pg8000, PyMySQL, others
+
+
+def _fileno(dbapi_connection: Any) -> int | None:
+    """The socket fd of a DBAPI connection, for the drivers we know; None if there is none."""
+    pgconn = getattr(dbapi_connection, "pgconn", None)  # psycopg 3
+    if pgconn is not None:
+        try:
+            fd = pgconn.socket
+        except Exception:  # closed, or not connected
+            return None
+        return fd if isinstance(fd, int) else None
+    for attr in _SOCKET_ATTRS:
+        sock = getattr(dbapi_connection, attr, None)
+        fileno = getattr(sock, "fileno", None)
+        if callable(fileno):
+            try:
+                fd = fileno()
+            except Exception:
+                continue
+            return fd if isinstance(fd, int) and fd >= 0 else None
+    fileno = getattr(dbapi_connection, "fileno", None)  # psycopg2, mysqlclient
+    if callable(fileno):
+        try:
+            fd = fileno()
+        except Exception:
+            return None
+        return fd if isinstance(fd, int) and fd >= 0 else None
+    return None
+
+
+def shutdown_sockets(dbapi_connections: list[Any]) -> int:
+    """Shut down the sockets of ``dbapi_connections`` from outside; return how many.
+
+    ``shutdown(SHUT_RDWR)`` acts on the socket, not the descriptor: any thread blocked in
+    ``recv``/``send`` on it wakes with EOF or EPIPE, and a gevent waiter's fd becomes
+    readable. The descriptor itself stays open (its owner closes it), so no fd number is
+    ever freed under a watcher. Any thread, any context; never blocks.
+    """
+    done = 0
+    for conn in dbapi_connections:
+        fd = _fileno(conn)
+        if fd is None:
+            continue
+        try:
+            sock = _socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue  # not a socket (a file), or closed meanwhile
+        try:
+            sock.shutdown(_socket.SHUT_RDWR)
+            done += 1
+        except OSError:
+            pass  # not connected any more
+        finally:
+            sock.close()
+    return done
+
+
+# -- threads that end -----------------------------------------------------------------------
+
+
+class _ThreadEnd:
+    """Stored in a real thread-local: freed when its OS thread ends, however the thread's
+    greenlets are kept (a gevent hub and its loop form a cycle that keeps the thread's
+    main greenlet alive, so its weakref callback may never run). Its ``__del__`` runs in
+    the ending thread, during its teardown: it only calls back, which submits."""
+
+    __slots__ = ("callbacks",)
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[], None]] = []
+
+    def __del__(self) -> None:
+        for callback in self.callbacks:
+            with contextlib.suppress(Exception):  # never fail a thread's exit
+                callback()
+
+
+_thread_ends = _ThreadLocal()
+_MAIN_THREAD = get_ident()
+
+
+def at_thread_end(callback: Callable[[], None]) -> bool:
+    """Call ``callback`` when the current OS thread ends; False for the main thread.
+
+    ``callback`` runs in the ending thread during its teardown (like a weakref
+    callback): it must not block, log or raise.
+    """
+    if get_ident() == _MAIN_THREAD:
+        return False
+    end: _ThreadEnd | None = getattr(_thread_ends, "end", None)
+    if end is None:
+        end = _thread_ends.end = _ThreadEnd()
+    end.callbacks.append(callback)
+    return True
+
+
+# -- fork -----------------------------------------------------------------------------------
 
 
 def pin_forever(objs: list[Any]) -> None:
@@ -274,12 +699,13 @@ _PINNED: list[list[Any]] = []
 def _after_fork_in_child() -> None:
     # Nothing queued before fork is the child's to close: those values hold connections
     # whose sockets the child shares with its parent (gunicorn forks workers from a master
-    # that may have loaded the app with --preload). The reaper thread is gone anyway.
+    # that may have loaded the app with --preload). The reaper threads are gone anyway.
     # Dropped, the jobs would free their values: they are pinned (see pin_forever).
     inherited: list[Any] = []
     for reaper in list(_hub_reapers):
         inherited.extend(reaper.jobs)
         reaper.jobs.clear()
+        reaper.running = 0
     while True:
         try:
             inherited.append(_thread_reaper.queue.get_nowait())
@@ -288,36 +714,45 @@ def _after_fork_in_child() -> None:
     pin_forever(inherited)
     _pending.count = 0
     _thread_reaper.reset()
+    periodic = _watchdog.periodic
+    _watchdog.reset()
+    _watchdog.periodic = periodic
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def submit(job: Job, owner_thread: int, owner_hub: Any | None) -> None:
+# -- entry points --------------------------------------------------------------------------
+
+
+def submit(job: Job, owner_thread: int | None, owner_hub: Any | None) -> None:
     """Run ``job`` soon, where blocking is allowed, on the owner's thread if possible.
 
-    Safe from the hub, GC and weakref callbacks, and other threads: it never blocks,
-    logs, or raises for a reason of its own.
+    ``owner_thread`` None means the owner's thread is gone (or ending): the job goes to
+    the reaper threads. Safe from the hub, GC and weakref callbacks, a thread's teardown
+    and other threads: it never blocks, logs, or raises for a reason of its own.
     """
     _pending.count += 1
-    if get_ident() == owner_thread:
-        # The hub may have been created after the value was registered.
-        hub = hub_if_exists()
-        if hub is not None and _loop_alive(hub):
-            _hub_reaper(hub).submit(job)
+    if owner_thread is not None:
+        if get_ident() == owner_thread:
+            # The hub may have been created after the value was registered.
+            hub = hub_if_exists()
+            if hub is not None and _loop_alive(hub):
+                _hub_reaper(hub).submit(job)
+                return
+        elif owner_hub is not None and _loop_alive(owner_hub):
+            _hub_reaper(owner_hub).submit_threadsafe(job)
             return
-    elif owner_hub is not None and _loop_alive(owner_hub):
-        _hub_reaper(owner_hub).submit_threadsafe(job)
-        return
     _thread_reaper.submit(job)
 
 
 def wait_idle(timeout: float | None = None, busy: Callable[[], bool] = lambda: False) -> bool:
     """Wait until every submitted job has finished and ``busy()`` is false; False on timeout.
 
-    Cooperative in a thread with a gevent hub (it yields to the hub, which runs the
-    reaper and the completion callbacks), a plain wait elsewhere. Polls every
-    millisecond: meant for tests and shutdown, not for hot paths.
+    A job cut at its deadline counts as finished. Cooperative in a thread with a gevent
+    hub (it yields to the hub, which runs the reapers and the completion callbacks), a
+    plain wait elsewhere. Polls every millisecond: meant for tests and shutdown, not for
+    hot paths.
     """
     if in_hub():
         raise RuntimeError(

@@ -19,11 +19,13 @@ Invariants:
 * ``watch.values`` mirrors the ``greenscope:R*`` keys while the greenlet lives. It is what
   cleanup closes after the greenlet's dict is gone; ``_LIVE`` keeps the watch (and thus
   its weakref and callback) alive for exactly as long as there is something to close.
-* A greenlet ends in one of two ways we hear of: a ``gevent.Greenlet`` notifies its
+* A greenlet ends in one of three ways we hear of: a ``gevent.Greenlet`` notifies its
   ``rawlink`` callbacks at completion (even if the object is still referenced); any
-  greenlet's weakref callback runs when it is freed. The first one detaches the values;
-  the second finds nothing left. Both run where I/O is forbidden, so closing is handed
-  to :mod:`greenscope._cleanup`.
+  greenlet's weakref callback runs when it is freed; and a native thread's main
+  greenlet is declared dead when its OS thread ends (a real thread-local is freed then),
+  since a gevent hub and its loop form a cycle that can keep that greenlet alive for
+  good. The first one detaches the values; the others find nothing left. All run where
+  I/O is forbidden, so closing is handed to :mod:`greenscope._cleanup`.
 
 Thread/greenlet safety: a greenlet only mutates its own dict and watch, except when it
 has died (then only the one callback that detaches it does). Shared structures are
@@ -49,6 +51,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
 from greenscope import _cleanup, _debug
+from greenscope._log import RateLimited
 
 __all__ = [
     "GreenletRegistry",
@@ -58,6 +61,7 @@ __all__ = [
     "current_sessions",
     "registries",
     "remove_current",
+    "sessions_in",
     "stats",
     "wait_reaped",
 ]
@@ -80,6 +84,22 @@ _REGISTRIES: weakref.WeakSet[GreenletRegistry[Any]] = weakref.WeakSet()
 _LIVE: dict[int, _Watch] = {}
 
 
+class _Shutdown:
+    """Process-wide: set by close_all(), so registries made afterwards are shut down too."""
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = False
+
+
+_shutdown = _Shutdown()
+
+_orphan_warnings = RateLimited(
+    "orphaned Sessions", lambda: _cleanup.settings().orphan_warnings_per_minute
+)
+
+
 @dataclass(frozen=True)
 class RegistryStats:
     """A snapshot of a registry's counters (or of every registry's, summed).
@@ -89,7 +109,13 @@ class RegistryStats:
     ``removed`` those taken away by ``clear()`` (``scoped_session.remove()``), replaced by
     ``set()`` or closed by :func:`close_all`, ``reaped`` those closed because their greenlet
     ended first, and ``live`` those held now. ``failed`` counts closes that raised (a
-    subset of ``reaped`` and ``removed``); the error was logged.
+    subset of ``reaped`` and ``removed``); the error was logged. ``timed_out`` counts
+    closes greenscope stopped waiting for at their deadline
+    (:attr:`greenscope.CleanupSettings.close_timeout`): their connections were cut and
+    invalidated, and the database rolls their transactions back (also among
+    ``reaped``/``removed``, and usually ``failed``).
+
+    .. versionchanged:: 0.2 ``timed_out``.
     """
 
     created: int = 0
@@ -97,6 +123,7 @@ class RegistryStats:
     reaped: int = 0
     failed: int = 0
     live: int = 0
+    timed_out: int = 0
 
     def __add__(self, other: RegistryStats) -> RegistryStats:
         return RegistryStats(
@@ -105,6 +132,7 @@ class RegistryStats:
             self.reaped + other.reaped,
             self.failed + other.failed,
             self.live + other.live,
+            self.timed_out + other.timed_out,
         )
 
 
@@ -147,6 +175,10 @@ class _Watch:
         hub = _cleanup.hub_if_exists()
         self.hub = weakref.ref(hub) if hub is not None else None  # hubs are greenlets too
         _cleanup.prepare()
+        if self.main:
+            # A thread's main greenlet may outlive its thread (kept by a hub's cycle):
+            # its thread's end is its death. False for the process's main thread.
+            _cleanup.at_thread_end(self._thread_ended)
         self.rawlinked = False
         if _GeventGreenlet is not None and isinstance(g, _GeventGreenlet):
             # Completion, not deallocation: a kept spawn() handle or a Pool must not keep
@@ -176,6 +208,11 @@ class _Watch:
             self.name = g.name
         self.detach()
 
+    def _thread_ended(self) -> None:
+        # In the ending thread, during its teardown: no I/O, no logging, must not raise.
+        self.how = " (thread ended)"
+        self.detach(thread_gone=True)
+
     def owner_hub(self) -> Any | None:
         return self.hub() if self.hub is not None else None
 
@@ -193,11 +230,16 @@ class _Watch:
             d.pop(registry._key, None)
         return values
 
-    def detach(self) -> None:
+    def detach(self, thread_gone: bool = False) -> None:
         """Hand every value to cleanup. Only for a dead owner; any context; idempotent."""
-        for registry, value in self.take().items():
-            job = _Reap(registry, value, self.owner, True)
-            _cleanup.submit(job, self.thread, self.owner_hub())
+        values = self.take()
+        if not values:
+            return
+        owner = self.owner
+        owner_thread = None if thread_gone else self.thread
+        hub = None if thread_gone else self.owner_hub()
+        for registry, value in values.items():
+            _cleanup.submit(_Reap(registry, value, owner, True), owner_thread, hub)
 
 
 def _owner_freed(ref: weakref.ref[RawGreenlet]) -> None:
@@ -208,9 +250,14 @@ def _owner_freed(ref: weakref.ref[RawGreenlet]) -> None:
 
 
 class _Reap:
-    """A cleanup job: close one value, log, count. Runs where blocking is allowed."""
+    """A cleanup job: close one value, log, count. Runs where blocking is allowed.
 
-    __slots__ = ("orphan", "owner", "registry", "reraise", "value")
+    ``cut()`` is called by the cleanup watchdog, from its own thread, if the close
+    outlives its deadline: it shuts down the sockets of the connections the value's
+    Sessions opened, which makes the blocked close fail and invalidate them.
+    """
+
+    __slots__ = ("orphan", "owner", "registry", "reraise", "transactions", "value")
 
     def __init__(
         self,
@@ -227,35 +274,64 @@ class _Reap:
         # Only a caller that asked for the close (close_all) gets a kill re-raised; a
         # reaper never raises: it would kill the reaper or land in the hub.
         self.reraise = reraise
+        self.transactions: list[Any] = []
 
     def __call__(self) -> None:
         registry, value = self.registry, self.value
         if self.orphan:
-            logger.warning(
+            _orphan_warnings.warn(
+                self.owner,
                 "greenscope: closing %s left open by %s, which ended without remove(); "
                 "its transaction is rolled back. Call remove() when each unit of work "
                 "ends, or wrap it in greenscope.session_scope().",
                 type(value).__name__,
                 self.owner,
             )
+        # For cut(): what the close will release (read by the watchdog thread).
+        self.transactions = [s.get_transaction() for s in sessions_in(value)]
         try:
-            exc = _close_counted(registry, value, f"of {self.owner}")
-            if exc is not None and self.reraise and not isinstance(exc, Exception):
+            exc = _close_counted(registry, value, f"of {self.owner}", self.orphan)
+            if (
+                exc is not None
+                and self.reraise
+                and not isinstance(exc, (Exception, _cleanup.CloseDeadline))
+            ):
                 raise exc  # GreenletExit and the like, to close_all()'s caller
         finally:
             self.value = None
+            self.transactions = []
             if self.orphan:
                 registry._reaped += 1
             else:
                 registry._removed += 1
 
+    def cut(self) -> None:
+        """The close passed its deadline (the watchdog thread): cut its connections."""
+        registry = self.registry
+        registry._timed_out += 1
+        dbapi = [c for tx in self.transactions for c in _opened_dbapi_connections(tx)]
+        cut = _cleanup.shutdown_sockets(dbapi)
+        logger.error(
+            "greenscope: closing %s of %s took longer than close_timeout=%ss; greenscope "
+            "stopped waiting and shut down %d of its %d connection socket(s), so the "
+            "close fails and invalidates them (the pool slot is freed; the database "
+            "rolls the transaction back when it sees the connection go). A close blocked "
+            "with no socket to cut stays blocked in its worker; no other close waits "
+            "for it.",
+            type(self.value).__name__,
+            self.owner,
+            _cleanup.settings().close_timeout,
+            cut,
+            len(dbapi),
+        )
+
 
 def _close_counted(
-    registry: GreenletRegistry[Any], value: Any, which: str
+    registry: GreenletRegistry[Any], value: Any, which: str, orphan: bool = False
 ) -> BaseException | None:
     """Close ``value``; on failure log it with its traceback, count it, and return it."""
     try:
-        close_or_release(value, registry._close)
+        registry._close_one(value, orphan)
     except BaseException as exc:
         registry._failed += 1
         logger.error(
@@ -300,17 +376,43 @@ def close_or_release(value: Any, close: Callable[[Any], object] = _close_value) 
             _debug.retag(value, owner)
 
 
-def _invalidate_opened(tx: Any) -> None:
-    """Invalidate what a failed close left of ``tx``'s connections (kept after close).
+def _opened_connections(tx: Any) -> list[Any]:
+    """The ``Connection`` objects a Session transaction opened itself (kept after close).
 
     ``_connections`` is private, but stable across SQLAlchemy 2.0 and 2.1: bind ->
     (Connection, transaction, should_commit, autoclose). autoclose is False for a
     Connection the application passed as ``bind=`` (joining an external transaction):
-    that one is not ours to drop.
+    that one is not ours to drop. Any thread (plain dict reads).
     """
     entries = getattr(tx, "_connections", None) or {}
-    opened = {id(e[0]): e[0] for e in entries.values() if len(e) > 3 and e[3]}
-    for conn in opened.values():
+    opened = {id(e[0]): e[0] for e in list(entries.values()) if len(e) > 3 and e[3]}
+    return list(opened.values())
+
+
+def _opened_dbapi_connections(tx: Any) -> list[Any]:
+    """The DBAPI connections behind :func:`_opened_connections` still checked out."""
+    found = []
+    for conn in _opened_connections(tx):
+        fairy = getattr(conn, "_dbapi_connection", None)  # None once closed
+        dbapi = getattr(fairy, "dbapi_connection", None)  # None once checked in
+        if dbapi is not None and not conn.closed:
+            found.append(dbapi)
+    return found
+
+
+def sessions_in(value: Any) -> list[Session]:
+    """The Sessions a registry value holds: itself, or a container's (greenscope.flask)."""
+    if isinstance(value, Session):
+        return [value]
+    inner = getattr(value, "greenscope_sessions", None)
+    if inner is not None:
+        return list(inner())
+    return []
+
+
+def _invalidate_opened(tx: Any) -> None:
+    """Invalidate what a failed close left of ``tx``'s connections (see above)."""
+    for conn in _opened_connections(tx):
         if not conn.closed and not conn.invalidated:
             try:
                 conn.invalidate()
@@ -362,6 +464,7 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         "_reaped",
         "_removed",
         "_shut_down",
+        "_timed_out",
         "request_scoped",
     )
 
@@ -383,8 +486,8 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         self._close = close
         self._key = f"greenscope:{next(_keys)}"
         self._owners: set[_Watch] = set()
-        self._created = self._removed = self._reaped = self._failed = 0
-        self._shut_down = False
+        self._created = self._removed = self._reaped = self._failed = self._timed_out = 0
+        self._shut_down = _shutdown.active  # close_all() shut greenscope down already
         self.request_scoped = True
         _REGISTRIES.add(self)
 
@@ -417,6 +520,10 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         if self._key in getcurrent().__dict__:
             self._removed += 1
         self._store(obj)
+
+    def _close_one(self, value: _T, orphan: bool) -> None:
+        """Close one value (``orphan``: its greenlet ended first). Raises what close raises."""
+        close_or_release(value, self._close)
 
     def _check_open(self) -> None:
         if self._shut_down:
@@ -471,7 +578,12 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
     def stats(self) -> RegistryStats:
         """This registry's counters; see :class:`RegistryStats`."""
         return RegistryStats(
-            self._created, self._removed, self._reaped, self._failed, len(self._owners)
+            self._created,
+            self._removed,
+            self._reaped,
+            self._failed,
+            len(self._owners),
+            self._timed_out,
         )
 
     def __repr__(self) -> str:
@@ -522,9 +634,10 @@ os.register_at_fork(after_in_child=_forget_inherited)
 def _at_exit() -> None:
     # A script that ends right after its greenlets did would otherwise exit with their
     # orphans' closes still queued, leaving the rollback to the database server.
-    if not _LIVE and _cleanup.pending() == 0:
-        return
     try:
+        _orphan_warnings.flush(force=True)
+        if not _LIVE and _cleanup.pending() == 0:
+            return
         _cleanup.wait_idle(2.0, _death_pending)
     except Exception:  # interpreter shutdown: never fail the exit
         logger.debug("greenscope: waiting for orphans at exit failed", exc_info=True)
@@ -534,9 +647,13 @@ atexit.register(_at_exit)
 
 
 def current_sessions() -> list[Any]:
-    """The current greenlet's values in every request-scoped registry, oldest first.
+    """The current greenlet's Sessions in every request-scoped registry, oldest first.
 
     What request-end removal would close: for a commit-on-success policy, or to inspect.
+    Containers of Sessions (``greenscope.flask``'s per-app-context Sessions) are
+    flattened: the list holds the Sessions themselves.
+
+    .. versionchanged:: 0.2 Containers are flattened.
 
     .. versionadded:: 0.1
     """
@@ -544,7 +661,12 @@ def current_sessions() -> list[Any]:
     watch: _Watch | None = d.get(_WATCH_KEY)
     if watch is None:
         return []
-    return [value for registry, value in watch.values.items() if registry.request_scoped]
+    found: list[Any] = []
+    for registry, value in list(watch.values.items()):
+        if registry.request_scoped:
+            inner = getattr(value, "greenscope_sessions", None)  # greenscope.flask's
+            found.extend(inner() if inner is not None else [value])
+    return found
 
 
 def remove_current() -> int:
@@ -625,9 +747,9 @@ def close_all(*, include_running: bool = True, shutdown: bool = True) -> int:
 
     For worker or process exit: with ``shutdown=True`` (the default) every registry is
     also shut down, and making a new value in one raises :class:`RuntimeError`, since
-    nothing would close it any more. ``shutdown=False`` closes the values and leaves the
-    registries usable: for a test suite's teardown. Registries created later are not
-    affected. Values of the calling thread are closed here, one by one
+    nothing would close it any more; so does a registry created afterwards.
+    ``shutdown=False`` closes the values and leaves the registries usable: for a test
+    suite's teardown. Values of the calling thread are closed here, one by one
     (errors logged and counted, never raised); values owned by other threads are handed
     to their owner's cleanup path. With ``include_running=False`` a value whose owner
     greenlet is still running (other than the caller) is left alone: closing it would
@@ -643,6 +765,7 @@ def close_all(*, include_running: bool = True, shutdown: bool = True) -> int:
             "call it from a greenlet, e.g. gevent.spawn(greenscope.close_all).join()"
         )
     if shutdown:
+        _shutdown.active = True
         for registry in registries():
             registry._shut_down = True
     me = _cleanup.get_ident()
@@ -667,4 +790,5 @@ def close_all(*, include_running: bool = True, shutdown: bool = True) -> int:
             for rest in jobs[i + 1 :]:  # killed while closing: the reaper closes the rest
                 _cleanup.submit(rest, me, _cleanup.hub_if_exists())
             raise
+    _orphan_warnings.flush(force=True)
     return total

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import sys
+import weakref
 from collections.abc import Callable
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from greenlet import getcurrent
+from greenlet import greenlet as RawGreenlet
 from sqlalchemy import util as sa_util
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
@@ -16,6 +20,8 @@ from sqlalchemy.orm import scoped_session as _sa_scoped_session
 from greenscope._registry import GreenletRegistry, close_or_release
 
 __all__ = ["scoped_session", "session_scope"]
+
+logger = logging.getLogger("greenscope")
 
 _S = TypeVar("_S", bound=Session)
 _P = ParamSpec("_P")
@@ -110,6 +116,21 @@ class scoped_session(_sa_scoped_session[_S]):
             self.registry.clear()
 
 
+class _Entry:
+    """One entry into a :class:`session_scope`: what its exit needs, whoever runs it.
+
+    ``frame`` is the frame that ran the ``with`` statement: the same frame runs the exit,
+    even when a generator holding the block is finalized by another greenlet.
+    """
+
+    __slots__ = ("frame", "owned", "owner")
+
+    def __init__(self, frame: FrameType | None, owner: RawGreenlet, owned: bool) -> None:
+        self.frame = frame
+        self.owner = weakref.ref(owner)
+        self.owned = owned
+
+
 class session_scope(Generic[_S]):
     """Bracket one unit of work: a context manager and a decorator.
 
@@ -126,6 +147,14 @@ class session_scope(Generic[_S]):
     commit, not a vote, so an outer block's pending work is committed with it. Use it
     on the outermost unit of work when the whole must be atomic.
 
+    An exit acts only on what its own entry opened. One object may be entered by many
+    greenlets at once, or nested; each entry is matched to its exit by the frame of its
+    ``with`` statement. An exit that runs in another greenlet than its entry (a
+    generator holding the block, abandoned by its greenlet and finalized by another, or
+    by the garbage collector) neither commits nor closes: the Session belongs to the
+    entry's greenlet, which may still be using it; it is left to that greenlet's
+    removal, or to orphan cleanup when that greenlet ends.
+
     Usage::
 
         with session_scope(Session, commit=True) as session:
@@ -135,9 +164,10 @@ class session_scope(Generic[_S]):
         def task() -> None: ...
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 Exits are matched to their entries, whichever greenlet runs them.
     """
 
-    __slots__ = ("_commit", "_owned", "_session")
+    __slots__ = ("_commit", "_entries", "_session")
 
     def __init__(self, session: _sa_scoped_session[_S], *, commit: bool = False) -> None:
         if not isinstance(session, _sa_scoped_session):
@@ -147,15 +177,27 @@ class session_scope(Generic[_S]):
             )
         self._session = session
         self._commit = commit
-        # Per greenlet (by id: unique while it is inside the block), a stack: one object
-        # may be entered by many greenlets at once, and again within one greenlet.
-        self._owned: dict[int, list[bool]] = {}
+        # Entries not exited yet, oldest first: usually one (a fresh object per `with`).
+        self._entries: list[_Entry] = []
 
     def __enter__(self) -> _S:
         owned = not self._session.registry.has()
         session = self._session()
-        self._owned.setdefault(id(getcurrent()), []).append(owned)
+        self._entries.append(_Entry(sys._getframe(1), getcurrent(), owned))
         return session
+
+    def _pop_entry(self, frame: FrameType | None) -> _Entry | None:
+        entries = self._entries
+        for i in range(len(entries) - 1, -1, -1):  # the `with` statement's own frame
+            if entries[i].frame is frame:
+                return entries.pop(i)
+        me = getcurrent()
+        for i in range(len(entries) - 1, -1, -1):  # entered elsewhere (an ExitStack)
+            if entries[i].owner() is me:
+                return entries.pop(i)
+        if len(entries) == 1:
+            return entries.pop()
+        return None
 
     def __exit__(
         self,
@@ -163,16 +205,28 @@ class session_scope(Generic[_S]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        key = id(getcurrent())
-        stack = self._owned[key]
-        owned = stack.pop()
-        if not stack:
-            del self._owned[key]
+        entry = self._pop_entry(sys._getframe(1))
+        if entry is None:
+            raise RuntimeError(
+                "greenscope.session_scope: __exit__() without a matching __enter__(); "
+                "enter each scope once per exit (use `with session_scope(...)`)"
+            )
+        entry.frame = None  # no reference cycle through the frame
+        if entry.owner() is not getcurrent():
+            # Another greenlet finalizes the block (an abandoned generator): the Session
+            # is its owner's, which may still be using it. Leave it alone.
+            logger.warning(
+                "greenscope: a session_scope entered in another greenlet was exited here "
+                "(a generator abandoned by its greenlet and finalized elsewhere); its "
+                "Session is left to its own greenlet's removal or to orphan cleanup, "
+                "neither committed nor closed here"
+            )
+            return
         try:
             if self._commit and exc_type is None:
                 self._session().commit()
         finally:
-            if owned:
+            if entry.owned:
                 self._session.remove()
 
     def __call__(self, func: Callable[_P, _R]) -> Callable[_P, _R]:

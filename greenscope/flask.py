@@ -49,11 +49,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 from sqlalchemy.util import ScopedRegistry
 
+import greenscope
 from greenscope import _debug
 from greenscope._registry import GreenletRegistry, RegistryStats, close_or_release
 from greenscope._scoping import scoped_session
 
 __all__ = ["AppContextRegistry", "SQLAlchemy", "remove_at_teardown"]
+
+# Set in a greenlet's dict by GreenscopeMiddleware(commit_on_success=True) while it serves
+# a request (the same string lives in greenscope.wsgi, which must not import Flask).
+COMMIT_ON_SUCCESS_MARK = "greenscope:commit_on_success"
 
 logger = logging.getLogger("greenscope")
 
@@ -73,8 +78,12 @@ class AppContextSessions:
         self.registry = registry
         self.entries: dict[int, tuple[weakref.ref[Any], Session]] = {}
 
-    def close(self) -> None:
-        """Close every Session left: the greenlet ended or its request did.
+    def greenscope_sessions(self) -> list[Session]:
+        """The Sessions held (for :func:`greenscope.current_sessions` and cleanup)."""
+        return [session for _, session in list(self.entries.values())]
+
+    def close(self, orphan: bool = True) -> None:
+        """Close every Session left: the greenlet ended (``orphan``) or its request did.
 
         Every one is closed even if a close is killed (``GreenletExit``): the first such
         error is re-raised once all are handled, as :func:`greenscope.remove_current`
@@ -84,11 +93,20 @@ class AppContextSessions:
         fatal: BaseException | None = None
         for _, session in entries.values():
             try:
-                self.registry._reap(session)
+                self.registry._reap(session, orphan)
             except BaseException as exc:  # _reap swallows Exceptions: a kill
                 fatal = fatal or exc
         if fatal is not None:
             raise fatal
+
+
+class _ContainerRegistry(GreenletRegistry[AppContextSessions]):
+    """The per-greenlet containers: tells a container how its close is counted."""
+
+    __slots__ = ()
+
+    def _close_one(self, value: AppContextSessions, orphan: bool) -> None:
+        value.close(orphan)
 
 
 class AppContextRegistry(ScopedRegistry[Session]):
@@ -113,8 +131,8 @@ class AppContextRegistry(ScopedRegistry[Session]):
     def __init__(self, createfunc: Callable[[], Session]) -> None:
         self.createfunc = createfunc
         self.scopefunc = _current_app_context
-        self._greenlets: GreenletRegistry[AppContextSessions] = GreenletRegistry(
-            lambda: AppContextSessions(self), close=AppContextSessions.close
+        self._greenlets: GreenletRegistry[AppContextSessions] = _ContainerRegistry(
+            lambda: AppContextSessions(self)
         )
         self._created = self._removed = self._reaped = self._failed = self._live = 0
         _APP_CONTEXT_REGISTRIES.add(self)
@@ -136,10 +154,14 @@ class AppContextRegistry(ScopedRegistry[Session]):
         self._reap(session)
         return sessions, ctx, None
 
-    def _reap(self, session: Session) -> None:
-        """Close a Session whose app context or greenlet is gone; log, never raise."""
+    def _reap(self, session: Session, orphan: bool = True) -> None:
+        """Close a Session whose app context or greenlet is gone (``orphan``), or whose
+        request ended (removal); log, never raise an ``Exception``."""
         self._live -= 1
-        self._reaped += 1
+        if orphan:
+            self._reaped += 1
+        else:
+            self._removed += 1
         try:
             close_or_release(session)
         except Exception:
@@ -234,8 +256,24 @@ class SQLAlchemy(_base):
     """Flask-SQLAlchemy's extension with ``db.session`` backed by greenscope.
 
     A ``scopefunc`` in ``session_options`` is honoured as in Flask-SQLAlchemy (and then
-    greenscope's per-greenlet scoping does not apply).
+    greenscope's per-greenlet scoping does not apply). Every engine it makes is
+    registered with :func:`greenscope.register_engine`, so forked workers (gunicorn's
+    ``--preload``, Celery's prefork pool) get fresh pools.
+
+    Not with :class:`greenscope.wsgi.GreenscopeMiddleware` ``(commit_on_success=True)``:
+    Flask tears the app context down (removing ``db.session``) before the middleware
+    could commit, so every write would be rolled back. That combination raises
+    :class:`RuntimeError`; commit in the view (``db.session.commit()``).
     """
+
+    def _make_engine(self, bind_key: str | None, options: dict[str, Any], app: Any) -> Any:
+        engine = super()._make_engine(bind_key, options, app)
+        greenscope.register_engine(engine)
+        return engine
+
+    def _teardown_session(self, exc: BaseException | None) -> None:
+        _refuse_commit_on_success("greenscope.flask.SQLAlchemy")
+        super()._teardown_session(exc)
 
     def _make_scoped_session(self, options: dict[str, Any]) -> _sa_scoped_session[Any]:
         scope = options.pop("scopefunc", None)
@@ -257,6 +295,20 @@ def remove_at_teardown(app: flask.Flask, session: _sa_scoped_session[Any]) -> No
             f"current Session, not {type(session).__name__}"
         )
 
+    app.extensions["greenscope.remove_at_teardown"] = True
+
     @app.teardown_appcontext
     def _remove_session(exc: BaseException | None) -> None:
+        _refuse_commit_on_success("greenscope.flask.remove_at_teardown")
         session.remove()
+
+
+def _refuse_commit_on_success(what: str) -> None:
+    if getcurrent().__dict__.get(COMMIT_ON_SUCCESS_MARK):
+        raise RuntimeError(
+            f"greenscope: {what} removes the request's Session when Flask tears down the "
+            "app context, before GreenscopeMiddleware(commit_on_success=True) could commit "
+            "it, so every write would be rolled back. Commit in your view "
+            "(session.commit()) and use GreenscopeMiddleware(app) without "
+            "commit_on_success."
+        )

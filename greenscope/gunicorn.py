@@ -47,9 +47,10 @@ off; ``python -m greenscope doctor`` prints the full report.
 What is not covered: SIGQUIT (immediate shutdown) and SIGKILL run no ``finally``, and
 on SIGTERM the master SIGKILLs workers that still run after ``graceful_timeout``: the
 database rolls back a dropped connection's transaction. Registries with a custom
-``scopefunc`` are SQLAlchemy's and are not touched. ``post_fork`` finds engines through
-each greenscope registry's sessionmaker (``bind=`` and ``binds=``); dispose of other
-engines yourself.
+``scopefunc`` are SQLAlchemy's and are not touched. Fresh pools after fork are given to
+every engine greenscope knows: those bound by a greenscope registry's sessionmaker
+(``bind=`` and ``binds=``), ``greenscope.flask``'s, and those passed to
+:func:`greenscope.register_engine`.
 
 .. versionadded:: 0.1
 """
@@ -57,7 +58,6 @@ engines yourself.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 try:
@@ -69,9 +69,8 @@ except (ImportError, RuntimeError) as exc:  # ggevent raises RuntimeError withou
         "install it with: pip install 'greenscope[gunicorn]'"
     ) from exc
 
-from sqlalchemy.engine import Engine
-
 import greenscope
+from greenscope import _engines
 
 __all__ = [
     "GeventPyWSGIWorker",
@@ -83,32 +82,17 @@ __all__ = [
 ]
 
 
-def _engines(factory: Any) -> Iterator[Engine]:
-    """The engines a sessionmaker binds to (``bind=`` and ``binds={...}``)."""
-    kw = getattr(factory, "kw", None)
-    if not isinstance(kw, dict):
-        return
-    binds = [kw.get("bind"), *(kw.get("binds") or {}).values()]
-    seen: set[int] = set()
-    for bind in binds:
-        engine = getattr(bind, "engine", None)  # an Engine or a Connection
-        if isinstance(engine, Engine) and id(engine) not in seen:
-            seen.add(id(engine))
-            yield engine
-
-
 def _after_fork() -> None:
     """In a forked worker: never use or close what the master opened.
 
     With ``--preload`` the app, its engines and possibly Sessions were created in the
-    master, and their connections' sockets are shared with it. greenscope itself forgets
-    inherited Sessions at fork without closing them; this gives the engines behind every
-    greenscope registry fresh pools (``engine.dispose(close=False)``, SQLAlchemy's recipe
-    for forked processes), so the worker never checks out a connection of the master's.
+    master, and their connections' sockets are shared with it. greenscope's core already
+    does this at fork (``os.register_at_fork``): it forgets inherited Sessions without
+    closing them and gives every engine it knows a fresh pool. Called again here, where
+    gunicorn runs its hook, for engines registered between fork and this point (a
+    no-op otherwise).
     """
-    for registry in greenscope.registries():
-        for engine in _engines(registry.createfunc):
-            engine.dispose(close=False)
+    _engines.dispose_after_fork()
 
 
 def _end_request(log: Any) -> None:
@@ -132,7 +116,7 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """gunicorn hook: fresh pools for the engines bound to greenscope's sessionmakers."""
+    """gunicorn hook: fresh pools for every engine greenscope knows (see above)."""
     _after_fork()
 
 

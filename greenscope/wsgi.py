@@ -1,10 +1,8 @@
-"""WSGI middleware: remove the request's Sessions when the response is closed.
+"""WSGI middleware: remove the request's Sessions when its unit of work ends.
 
 For any WSGI server that runs each request in a greenlet or thread: gevent's
 ``pywsgi.WSGIServer``, uWSGI with gevent, waitress, gunicorn with a worker or hooks of
-your choice. Removal happens at the response iterable's ``close()`` (PEP 3333), i.e.
-after the body was sent, not when the application returns: a streaming body still has
-its Session while it is being iterated.
+your choice.
 
 Usage::
 
@@ -13,27 +11,61 @@ Usage::
     app = GreenscopeMiddleware(app)                      # rollback + remove
     app = GreenscopeMiddleware(app, commit_on_success=True)
 
-With ``commit_on_success=True`` the request's Sessions are committed when the response
-succeeds (status below 500, no exception): *before anything is sent* when the status is
-known by then (the application returned, or called ``write()``; a failing commit then
-becomes the exception the server turns into a 500), and again at ``close()`` for what
-the body wrote while it was produced, but only if it was produced to the end: a client
-that hung up mid-body, or a body that raised, gets nothing committed past that point.
-Exceptions and 5xx responses are rolled back. Several Sessions are committed one after the other
-(no two-phase commit). It is off by default: committing is the application's decision.
+When removal happens. It follows the *request*, not the thread that happens to call
+``close()``:
+
+* a body produced whole (a list, or a ``wsgi.file_wrapper``): when the application
+  returns, since no application code runs while it is sent. Some servers (waitress)
+  send a file from their main thread and call its ``close()`` there, after the task
+  thread moved on to the next request;
+* a streamed body (an iterator): when it is exhausted, in the greenlet or thread that
+  iterates it; and at its ``close()`` when that runs in the request's own greenlet
+  (always, under gunicorn and gevent's pywsgi): a body abandoned half-way (the client
+  hung up) or failing is rolled back then. A ``close()`` from another thread never
+  touches that thread's Sessions: the abandoned request's are removed at the start of
+  the next request its greenlet serves through this middleware.
+
+``commit_on_success=True`` commits the request's Sessions **once**, before anything is
+sent, if the response succeeds so far (status below 500, no exception):
+
+* a list or file body: when the application returns;
+* a streamed body: when it has produced its first chunk (or ended empty), before that
+  chunk is handed to the server; a body whose first chunk raises commits nothing;
+* the legacy ``write()`` callable: before the first ``write()``.
+
+A failing commit raises there, which the server turns into a 500: the client is never
+told "success" for a write that is then lost. Writes the body makes *after* that point
+can no longer be acknowledged honestly: they are rolled back at the end, with a WARNING
+(flushes and ORM DML are detected; a write through ``session.connection()`` is rolled
+back all the same, without the warning). A body that fails after the commit cannot
+undo it: the client sees a broken response for committed work. Exceptions and 5xx
+responses are rolled back. Several Sessions are committed one after the other (no
+two-phase commit). It is off by default: committing is the application's decision.
+
+Not with Flask apps whose teardown removes the Session (``greenscope.flask``): Flask
+removes it before the first chunk exists. That combination is refused.
 
 .. versionadded:: 0.1
+.. versionchanged:: 0.2 One commit, at the first chunk; removal follows the request.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Protocol
 
+from greenlet import getcurrent
+from sqlalchemy import TextClause, event
+from sqlalchemy.orm import ORMExecuteState, Session
+
 import greenscope
 
 __all__ = ["GreenscopeMiddleware"]
+
+logger = logging.getLogger("greenscope")
 
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
@@ -51,51 +83,135 @@ class StartResponse(Protocol):
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
+_WROTE = "greenscope.wrote"  # in Session.info: a write since the last commit point
+_MARK = "greenscope:commit_on_success"  # in a greenlet's dict: see greenscope.flask
+_OPEN = "greenscope:wsgi-request"  # in a greenlet's dict: its unfinished request
+
+
+def _note_flush(session: Session, flush_context: Any) -> None:
+    session.info[_WROTE] = True
+
+
+_READS = ("SELECT", "SHOW", "EXPLAIN", "VALUES", "PRAGMA", "DESCRIBE")
+
+
+def _note_execute(state: ORMExecuteState) -> None:
+    statement = state.statement
+    if state.is_insert or state.is_update or state.is_delete:
+        state.session.info[_WROTE] = True
+    elif isinstance(statement, TextClause):  # text("INSERT ..."): judge by its verb
+        verb = statement.text.lstrip().split(None, 1)[:1]
+        if not verb or verb[0].upper() not in _READS:
+            state.session.info[_WROTE] = True
+
+
+def _listen_for_writes() -> None:
+    """Class-level listeners (once per process) so late writes can be reported."""
+    if not event.contains(Session, "after_flush", _note_flush):
+        event.listen(Session, "after_flush", _note_flush)
+        event.listen(Session, "do_orm_execute", _note_execute)
+
+
 def _commit_all() -> None:
-    sessions = greenscope.current_sessions()
-    for session in sessions:
+    for session in greenscope.current_sessions():
         commit = getattr(session, "commit", None)
         if commit is not None:
             commit()
+            if isinstance(session, Session):
+                session.info.pop(_WROTE, None)
 
 
 class _Request:
-    """One request's state; ``finish()`` runs exactly once."""
+    """One request's state. The commit point passes once; removal may run again."""
 
-    __slots__ = ("commit", "completed", "failed", "finished", "status", "wrote")
+    __slots__ = (
+        "closed_elsewhere",
+        "commit",
+        "committed",
+        "failed",
+        "finished",
+        "owner",
+        "status",
+        "wrote",
+    )
 
     def __init__(self, commit: bool) -> None:
         self.commit = commit
         self.status: int | None = None
         self.failed = False
-        self.completed = False  # the whole body was produced (not abandoned mid-way)
+        self.committed = False  # the commit point has passed (committed or not)
         self.finished = False
+        self.closed_elsewhere = False
         self.wrote = False  # the app used the write() callable
+        g = getcurrent()
+        self.owner = weakref.ref(g)
+        d = g.__dict__
+        previous: _Request | None = d.get(_OPEN)
+        if previous is not None and previous.closed_elsewhere and not previous.finished:
+            # Its close() ran in another thread, which could not remove what it left in
+            # this greenlet: that request is over, so nothing of it may reach this one.
+            previous.finish()
+        d[_OPEN] = self
+        if commit:
+            d[_MARK] = True
 
     def succeeded(self) -> bool:
         return not self.failed and self.status is not None and self.status < 500
 
-    def commit_before_sending(self) -> None:
-        # Status known, nothing sent yet (PEP 3333: headers wait for the first chunk):
-        # a failing commit still becomes the server's error response.
+    def commit_point(self) -> None:
+        """Nothing has been sent yet: commit if the response succeeded so far. Once."""
+        if self.committed:
+            return
+        self.committed = True
         if self.commit and self.succeeded():
-            _commit_all()
+            try:
+                _commit_all()
+            except BaseException:
+                self.failed = True
+                raise
 
     def finish(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
+        """Remove the request's Sessions. In the request's greenlet only; idempotent."""
+        d = getcurrent().__dict__
         try:
-            # Writes made while the body was produced; nothing if the client went away
-            # or the body failed half-way (those are rolled back by the removal).
-            if self.commit and self.completed and self.succeeded():
-                _commit_all()
+            if self.commit and self.committed:
+                self._report_late_writes()
         finally:
+            if not self.finished:
+                self.finished = True
+                if d.get(_OPEN) is self:
+                    del d[_OPEN]
+                if self.commit:
+                    d.pop(_MARK, None)
             greenscope.remove_current()
+
+    def _report_late_writes(self) -> None:
+        for session in greenscope.current_sessions():
+            if not isinstance(session, Session):
+                continue
+            late = session.info.pop(_WROTE, False) or session.new or session.dirty
+            if late or session.deleted:
+                logger.warning(
+                    "greenscope: the response body wrote to the database after the "
+                    "request was committed and its status sent; that write is rolled "
+                    "back, since it can no longer be acknowledged. Write before returning "
+                    "the body (or before its first chunk)."
+                )
+                return
+
+    def in_owner(self) -> bool:
+        return self.owner() is getcurrent()
+
+    def closed(self) -> None:
+        """The server called the body's close(), after its original close()."""
+        if self.in_owner():
+            self.finish()
+        elif not self.finished:
+            self.closed_elsewhere = True
 
 
 class _ClosingIterator:
-    """Wraps a response iterable: notes failure and completion, finishes at ``close()``."""
+    """Wraps a streamed body: commits at its first chunk, removes when it ends."""
 
     __slots__ = ("_close", "_iterator", "_request")
 
@@ -108,14 +224,20 @@ class _ClosingIterator:
         return self
 
     def __next__(self) -> bytes:
+        request = self._request
         try:
-            return next(self._iterator)
+            chunk = next(self._iterator)
         except StopIteration:
-            self._request.completed = True
+            if request.in_owner():
+                request.commit_point()  # an empty body: nothing was sent yet
+                request.finish()
             raise
         except BaseException:
-            self._request.failed = True
+            request.failed = True
             raise
+        if not request.committed:
+            request.commit_point()
+        return chunk
 
     def close(self) -> None:
         _close(self._close, self._request)
@@ -140,20 +262,23 @@ def _close(original: Callable[[], object] | None, request: _Request) -> None:
         request.failed = True
         raise
     finally:
-        request.finish()
+        request.closed()
 
 
 def _wrap(result: Iterable[bytes], request: _Request, environ: dict[str, Any]) -> Iterable[bytes]:
     original: Callable[[], object] | None = getattr(result, "close", None)
     if isinstance(result, (list, tuple)):
-        request.completed = True
+        request.commit_point()
+        request.finish()  # complete: no app code runs while it is sent
         body = _ClosingList(result)
         body._close, body._request = original, request
         return body
     file_wrapper = environ.get("wsgi.file_wrapper")
     if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
         # Returned as is, so the server can still use sendfile(); only close() is ours.
-        request.completed = True
+        # The server may send it (and close it) from another thread: finish now.
+        request.commit_point()
+        request.finish()
         try:
             setattr(result, "close", lambda: _close(original, request))  # noqa: B010 - typed as Iterable
         except (AttributeError, TypeError):
@@ -173,6 +298,18 @@ class GreenscopeMiddleware:
     def __init__(self, app: WSGIApp, *, commit_on_success: bool = False) -> None:
         if not callable(app):
             raise TypeError(f"GreenscopeMiddleware wraps a WSGI application; got {app!r}")
+        if commit_on_success:
+            flask_app = _flask_app_removing_at_teardown(app)
+            if flask_app is not None:
+                raise ValueError(
+                    f"GreenscopeMiddleware(commit_on_success=True) cannot commit for "
+                    f"{flask_app!r}: its teardown (greenscope.flask) removes the Session "
+                    "when the app returns, before the middleware's commit point, so "
+                    "every write would be rolled back. Commit in your views "
+                    "(db.session.commit()) and wrap the app with "
+                    "GreenscopeMiddleware(app) alone."
+                )
+            _listen_for_writes()
         self.app = app
         self.commit_on_success = commit_on_success
 
@@ -196,7 +333,7 @@ class GreenscopeMiddleware:
                 # The legacy write() callable sends at once: commit before the first one.
                 if not request.wrote:
                     request.wrote = True
-                    request.commit_before_sending()
+                    request.commit_point()
                 return write(data)
 
             return _write
@@ -204,8 +341,6 @@ class GreenscopeMiddleware:
         result: Iterable[bytes] | None = None
         try:
             result = self.app(environ, _start_response)
-            if not request.wrote:
-                request.commit_before_sending()
             return _wrap(result, request, environ)
         except BaseException:
             request.failed = True
@@ -216,3 +351,28 @@ class GreenscopeMiddleware:
             finally:
                 request.finish()
             raise
+
+
+def _flask_app_removing_at_teardown(app: Any) -> Any | None:
+    """The Flask app inside ``app`` whose teardown removes greenscope Sessions, if any.
+
+    Follows bound methods (``app.wsgi_app``) and the usual wrapper attributes; a chain
+    it cannot see into is caught at the first request instead (greenscope.flask's
+    teardown raises while a commit-on-success request is running).
+    """
+    seen: set[int] = set()
+    todo = [app]
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        extensions = getattr(obj, "extensions", None)
+        if isinstance(extensions, dict) and callable(getattr(obj, "wsgi_app", None)):
+            ext = extensions.get("sqlalchemy")
+            if extensions.get("greenscope.remove_at_teardown") or (
+                type(ext).__module__ == "greenscope.flask"
+            ):
+                return obj
+        todo.extend(getattr(obj, attr, None) for attr in ("__self__", "app", "__wrapped__"))
+    return None

@@ -21,6 +21,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.pool import QueuePool
 
 import greenscope
+from greenscope import _registry
 
 PG_URL_VAR = "GREENSCOPE_TEST_PG_URL"
 
@@ -31,6 +32,7 @@ def _isolate_registries() -> Iterator[None]:
     yield
     assert greenscope.wait_reaped(10), "the reaper did not finish within 10 s"
     greenscope.close_all(shutdown=False)
+    _registry._shutdown.active = False  # a test's close_all() shuts later registries down
 
 
 class CountingEngine:

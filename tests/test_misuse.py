@@ -180,9 +180,21 @@ def test_close_all_shutdown_false_keeps_registries_usable(Session: ScopedSession
     Session.remove()
 
 
-def test_registries_made_after_close_all_are_open(sqlite_db: CountingEngine) -> None:
-    """Only the registries that existed at close_all() are shut down."""
+def test_registries_made_after_close_all_are_shut_down_too(sqlite_db: CountingEngine) -> None:
+    """close_all() shuts greenscope down: a registry made afterwards refuses Sessions too."""
     greenscope.close_all()
+    Session = greenscope.scoped_session(sessionmaker(sqlite_db.engine))
+    with pytest.raises(RuntimeError, match=r"shut down by greenscope\.close_all\(\)"):
+        Session.execute(text("SELECT 1"))
+    assert Session.registry.shut_down  # type: ignore[attr-defined]
+    assert sqlite_db.checkedout() == 0
+
+
+def test_close_all_without_shutdown_leaves_later_registries_open(
+    sqlite_db: CountingEngine,
+) -> None:
+    """close_all(shutdown=False), a test suite's teardown, shuts nothing down."""
+    greenscope.close_all(shutdown=False)
     Session = greenscope.scoped_session(sessionmaker(sqlite_db.engine))
     assert Session.execute(text("SELECT 1")).scalar_one() == 1
     Session.remove()

@@ -61,22 +61,48 @@ def writer(Session: Scoped, status: str = "200 OK") -> Any:
     return app
 
 
-def test_removes_at_close_not_when_the_app_returns(
+def test_streamed_body_keeps_its_session_until_it_ends(
     Session: Scoped, sqlite_db: CountingEngine
 ) -> None:
-    """A streamed body keeps its Session while it is iterated; close() removes it."""
+    """A streamed body keeps one Session while it is iterated; its end removes it."""
+    seen: list[orm.Session] = []
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
         start_response("200 OK", [])
         for _ in range(3):
+            seen.append(Session())
             yield str(Session.execute(text("SELECT count(*) FROM items")).scalar_one()).encode()
 
     result = GreenscopeMiddleware(app)({}, noop_start_response)
-    assert list(result) == [b"0", b"0", b"0"]
-    assert Session.registry.has()
+    iterator = iter(result)
+    assert next(iterator) == b"0"
+    assert Session.registry.has(), "not removed when the app returned"
+    assert list(iterator) == [b"0", b"0"]
+    assert len(set(map(id, seen))) == 1
+    assert not Session.registry.has(), "removed once the body is exhausted"
     result.close()  # type: ignore[attr-defined]
     assert not Session.registry.has()
     assert sqlite_db.checkedout() == 0
+
+
+def test_close_removes_a_body_abandoned_half_way(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """A body the server stops iterating (client gone) is rolled back at its close()."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        while True:
+            insert(Session, "x")
+            yield b"chunk"
+
+    result = GreenscopeMiddleware(app)({}, noop_start_response)
+    next(iter(result))
+    assert sqlite_db.checkedout() == 1
+    result.close()  # type: ignore[attr-defined]
+    assert not Session.registry.has()
+    assert sqlite_db.checkedout() == 0
+    assert sqlite_db.count_rows() == 0
 
 
 def test_does_not_commit_by_default(Session: Scoped, sqlite_db: CountingEngine) -> None:
@@ -140,19 +166,25 @@ def test_app_that_raises_is_rolled_back(Session: Scoped, sqlite_db: CountingEngi
     assert sqlite_db.checkedout() == 0
 
 
-def test_body_that_raises_is_rolled_back(Session: Scoped, sqlite_db: CountingEngine) -> None:
-    """An exception while iterating the body means no commit, even if the status was 200."""
+def test_body_that_raises_after_its_first_chunk_keeps_only_what_was_acknowledged(
+    Session: Scoped, sqlite_db: CountingEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writes before the first chunk are committed with it; a later write and raise roll back."""
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
         start_response("200 OK", [])
-        insert(Session, "x")
+        insert(Session, "acknowledged")
         yield b"partial"
+        insert(Session, "late")
         raise OSError("client went away")
 
     with pytest.raises(OSError, match="went away"):
         serve(GreenscopeMiddleware(app, commit_on_success=True))
-    assert sqlite_db.count_rows() == 0
+    with sqlite_db.engine.connect() as conn:
+        rows = conn.execute(text("SELECT owner FROM items")).scalars().all()
+    assert rows == ["acknowledged"]
     assert not Session.registry.has()
+    assert "after the request was committed" in caplog.text
 
 
 def test_failing_commit_becomes_the_error_and_still_cleans_up(sqlite_db: CountingEngine) -> None:
@@ -214,10 +246,10 @@ def test_abandoned_body_commits_nothing_past_the_hang_up(
 
     result = GreenscopeMiddleware(app, commit_on_success=True)({}, noop_start_response)
     iterator = iter(result)
-    next(iterator)
+    next(iterator)  # row-0 is committed with the first chunk, before it is sent
     next(iterator)
     result.close()  # type: ignore[attr-defined]  # what the server does on a hang-up
-    assert sqlite_db.count_rows() == 0
+    assert sqlite_db.count_rows() == 1
     assert not Session.registry.has()
 
 
