@@ -8,6 +8,7 @@ gunicorn is covered by ``test_e2e_servers.py``.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -75,13 +76,11 @@ class Server:
             from waitress.server import create_server  # noqa: PLC0415
 
             server = create_server(app, host="127.0.0.1", port=0, threads=1)
-            self.port = server.effective_port  # type: ignore[union-attr]
+            self.port = server.effective_port
             self.stop = server.close
             self.ready.set()
-            try:
+            with contextlib.suppress(OSError):  # closed under the loop at shutdown
                 server.run()
-            except OSError:
-                pass  # closed under the loop at shutdown
         else:
             import gevent  # noqa: PLC0415
             from gevent.pywsgi import WSGIServer  # noqa: PLC0415
