@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -492,3 +493,74 @@ def test_the_watchdog_and_reapers_are_real_threads() -> None:
     """
     assert run_scenario(code) == {"watchdog": True, "reapers": 1}
     assert _cleanup._watchdog.started
+
+
+# -- 1, on PostgreSQL: a partition during an orphan's ROLLBACK ----------------------------------
+
+PARTITION_SCENARIO = """
+from gevent import monkey; monkey.patch_all()
+import json, sys, time
+sys.path.insert(0, {tests!r})
+import gevent
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import sessionmaker
+import greenscope
+from faultproxy import FaultProxy
+
+greenscope.configure_cleanup(close_timeout=2.0)
+url, table = {url!r}, {table!r}
+host_port = create_engine(url).url
+with FaultProxy(host_port.host or "127.0.0.1", host_port.port or 5432) as proxy:
+    cut_off = create_engine(proxy.url_for(url), pool_size=1, max_overflow=0, pool_timeout=5)
+    healthy = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=5)
+    Partitioned = greenscope.scoped_session(sessionmaker(cut_off))
+    Healthy = greenscope.scoped_session(sessionmaker(healthy))
+
+    def partitioned() -> None:
+        Partitioned.execute(text(f"INSERT INTO {{table}} (owner) VALUES ('partitioned')"))
+        proxy.stall()  # the network goes away; the greenlet ends without remove()
+
+    def later() -> None:
+        Healthy.execute(text(f"INSERT INTO {{table}} (owner) VALUES ('healthy')"))
+
+    gevent.spawn(partitioned).join()
+    gevent.sleep(0.05)  # the hung ROLLBACK has started
+    started = time.monotonic()
+    gevent.spawn(later).join()
+    while healthy.pool.checkedout():  # closed behind the hung one? (bounded below)
+        gevent.sleep(0.01)
+        if time.monotonic() - started > 10:
+            break
+    healthy_closed_after = time.monotonic() - started
+    reaped = greenscope.wait_reaped(15)
+    result = {{
+        "healthy_closed_before_deadline": healthy_closed_after < 1.5,
+        "reaped": reaped,
+        "cut_off_checked_out": cut_off.pool.checkedout(),
+        "timed_out": Partitioned.registry.stats().timed_out,
+    }}
+    proxy.resume()
+    with cut_off.connect() as conn:  # the pool serves again: a fresh connection
+        result["serves_again"] = conn.execute(text("SELECT 1")).scalar_one() == 1
+    with healthy.connect() as conn:
+        result["stored"] = conn.execute(text(f"SELECT count(*) FROM {{table}}")).scalar_one()
+    cut_off.dispose(); healthy.dispose()
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.postgres
+def test_a_partition_during_an_orphans_rollback_holds_up_nothing(
+    pg_table: tuple[str, str],
+) -> None:
+    """A ROLLBACK stuck behind a partition is cut at its deadline; others close meanwhile."""
+    url, table = pg_table
+    code = PARTITION_SCENARIO.format(tests=str(Path(__file__).parent), url=url, table=table)
+    assert run_scenario(code, timeout=60) == {
+        "healthy_closed_before_deadline": True,
+        "reaped": True,
+        "cut_off_checked_out": 0,
+        "timed_out": 1,
+        "serves_again": True,
+        "stored": 0,
+    }
