@@ -50,7 +50,7 @@ from greenlet import greenlet as RawGreenlet
 from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
-from greenscope import _cleanup, _debug
+from greenscope import _cleanup, _debug, _pool  # noqa: F401 - _pool installs a listener
 from greenscope._log import RateLimited
 
 __all__ = [

@@ -564,3 +564,43 @@ def test_a_partition_during_an_orphans_rollback_holds_up_nothing(
         "serves_again": True,
         "stored": 0,
     }
+
+
+# -- a failed COMMIT on SQLite ------------------------------------------------------------------
+
+
+def test_a_failed_sqlite_commit_never_goes_back_to_the_pool_in_its_transaction(
+    tmp_path: Path,
+) -> None:
+    """After COMMIT fails ("database is locked"), removal leaves no pooled transaction behind."""
+    import sqlite3  # noqa: PLC0415
+
+    from sqlalchemy.pool import QueuePool  # noqa: PLC0415
+
+    path = tmp_path / "locked.db"
+    engine = create_engine(
+        f"sqlite:///{path}", poolclass=QueuePool, pool_size=1, connect_args={"timeout": 0}
+    )
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE items (id INTEGER PRIMARY KEY, owner TEXT)"))
+    Session = greenscope.scoped_session(sessionmaker(engine))
+    reader = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM items").fetchall()  # a SHARED lock: COMMIT fails
+        insert(Session, "failed request")
+        with pytest.raises(Exception, match="database is locked"):
+            Session.commit()
+        Session.remove()
+    finally:
+        reader.execute("ROLLBACK")
+        reader.close()
+    with engine.connect() as conn:  # the same pooled connection (pool_size=1)
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        assert dbapi.in_transaction is False, "no transaction was left open in the pool"
+        conn.execute(text("INSERT INTO items (owner) VALUES ('next request')"))
+        conn.commit()
+        owners = conn.execute(text("SELECT owner FROM items")).scalars().all()
+    assert owners == ["next request"], "the failed request's write was not committed later"
+    engine.dispose()
