@@ -73,6 +73,7 @@ CHECKS = (
     "psycopg2-wait-callback",
     "sqlite-blocking",
     "pool-size",
+    "known-engines",
     "stock-scoped-session",
     "request-end-removal",
 )
@@ -602,6 +603,33 @@ def _check_pool(setup: _Setup, scan: _Scan) -> list[Finding]:
     return findings
 
 
+def _check_known_engines(setup: _Setup, scan: _Scan) -> list[Finding]:
+    """Engines greenscope cannot see get no fresh pool in a forked worker."""
+    from greenscope import _engines  # noqa: PLC0415 - the doctor's only core import here
+    from greenscope._registry import registries  # noqa: PLC0415
+
+    check = "known-engines"
+    if not scan.engines:
+        return []
+    known = {id(e.pool) for e in _engines.known_engines()}
+    unknown = [e for e in scan.engines if id(e.pool) not in known]
+    if not unknown:
+        return []  # the usual case: nothing worth a line
+    severity: Severity = "warning" if registries() else "info"
+    return [
+        Finding(
+            check,
+            severity,
+            f"engine {_engine_label(engine)} is not known to greenscope: a forked worker "
+            "(gunicorn --preload, Celery's prefork pool) would go on using the parent "
+            "process's pooled connections",
+            "`greenscope.register_engine(engine)` where you create it (engines bound by a "
+            "greenscope scoped_session's sessionmaker, and greenscope.flask's, are known)",
+        )
+        for engine in unknown
+    ]
+
+
 def _check_registries(setup: _Setup, scan: _Scan) -> list[Finding]:
     check = "stock-scoped-session"
     findings = []
@@ -772,6 +800,7 @@ _CHECK_FUNCS: tuple[tuple[str, Callable[[_Setup, _Scan], list[Finding]]], ...] =
     ("psycopg2-wait-callback", _check_psycopg2),
     ("sqlite-blocking", _check_sqlite),
     ("pool-size", _check_pool),
+    ("known-engines", _check_known_engines),
     ("stock-scoped-session", _check_registries),
     ("request-end-removal", _check_request_end),
 )

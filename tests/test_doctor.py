@@ -375,6 +375,35 @@ def test_pool_size_boundaries(scenario: Scenario) -> None:
     ]
 
 
+def test_engines_greenscope_cannot_see_are_flagged(scenario: Scenario) -> None:
+    """An engine beside greenscope's registries warns until it is registered."""
+    result = scenario(
+        """
+        import json
+        from gevent import monkey
+        monkey.patch_all()
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import sessionmaker
+        import greenscope
+        from greenscope.doctor import diagnose
+
+        url = "postgresql+psycopg://app@db.invalid/"
+        bound = create_engine(url + "bound")
+        Session = greenscope.scoped_session(sessionmaker(bound))
+        other = create_engine(url + "other")
+        def known():
+            return [
+                [f.message.split()[1].split("/")[-1], f.severity]
+                for f in diagnose(worker_class="gevent") if f.check == "known-engines"
+            ]
+        before = known()
+        greenscope.register_engine(other)
+        print(json.dumps([before, known()]))
+        """
+    )
+    assert result == [[["other", "warning"]], []]
+
+
 def test_flags_override_the_config(doctor: Doctor) -> None:
     """--worker-connections beats the config file, as gunicorn's flags do."""
     run = doctor(
