@@ -7,6 +7,7 @@ private and may change without notice.
 from greenscope._cleanup import CleanupSettings, configure_cleanup
 from greenscope._debug import set_debug
 from greenscope._engines import register_engine
+from greenscope._guard import guard_engine
 from greenscope._registry import (
     GreenletRegistry,
     RegistryStats,
@@ -26,6 +27,7 @@ __all__ = [
     "close_all",
     "configure_cleanup",
     "current_sessions",
+    "guard_engine",
     "register_engine",
     "registries",
     "remove_current",

@@ -25,20 +25,21 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from greenscope import _cleanup
+from greenscope import _cleanup, _guard
 
 __all__ = ["dispose_after_fork", "engines_of", "known_engines", "register_engine"]
 
 _REGISTERED: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-def register_engine(engine: Any) -> Engine:
+def register_engine(engine: Any, *, guard: bool = True) -> Engine:
     """Tell greenscope about an engine its registries cannot see; return it.
 
     A registered engine gets what the engines behind greenscope's registries get: a
     fresh pool in a forked child (gunicorn's ``--preload``, Celery's prefork pool,
-    ``multiprocessing``), and the doctor's checks. Idempotent; held by a weak reference.
-    For an ``AsyncEngine`` pass its ``sync_engine``.
+    ``multiprocessing``), the engine guard (:func:`greenscope.guard_engine`; pass
+    ``guard=False`` to leave it out) and the doctor's checks. Idempotent; held by a weak
+    reference. For an ``AsyncEngine`` pass its ``sync_engine``.
 
     .. versionadded:: 0.2
     """
@@ -54,6 +55,8 @@ def register_engine(engine: Any) -> Engine:
             f"sqlalchemy.create_engine(); got {engine!r}.{hint}"
         )
     _REGISTERED.add(engine)
+    if guard:
+        _guard.auto_guard(engine)
     return engine
 
 

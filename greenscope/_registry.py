@@ -50,7 +50,7 @@ from greenlet import greenlet as RawGreenlet
 from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
-from greenscope import _cleanup, _debug, _pool  # noqa: F401 - _pool installs a listener
+from greenscope import _cleanup, _debug, _engines, _guard, _pool  # noqa: F401 - _pool listens
 from greenscope._log import RateLimited
 
 __all__ = [
@@ -113,9 +113,11 @@ class RegistryStats:
     closes greenscope stopped waiting for at their deadline
     (:attr:`greenscope.CleanupSettings.close_timeout`): their connections were cut and
     invalidated, and the database rolls their transactions back (also among
-    ``reaped``/``removed``, and usually ``failed``).
+    ``reaped``/``removed``, and usually ``failed``). ``rescued``, in
+    :func:`greenscope.stats` only (a registry's own is 0): connections the engine guard
+    took out of a pool inside the gevent hub (:func:`greenscope.guard_engine`).
 
-    .. versionchanged:: 0.2 ``timed_out``.
+    .. versionchanged:: 0.2 ``timed_out`` and ``rescued``.
     """
 
     created: int = 0
@@ -124,6 +126,7 @@ class RegistryStats:
     failed: int = 0
     live: int = 0
     timed_out: int = 0
+    rescued: int = 0
 
     def __add__(self, other: RegistryStats) -> RegistryStats:
         return RegistryStats(
@@ -133,6 +136,7 @@ class RegistryStats:
             self.failed + other.failed,
             self.live + other.live,
             self.timed_out + other.timed_out,
+            self.rescued + other.rescued,
         )
 
 
@@ -490,6 +494,8 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         self._shut_down = _shutdown.active  # close_all() shut greenscope down already
         self.request_scoped = True
         _REGISTRIES.add(self)
+        for engine in _engines.engines_of(createfunc):  # the engine guard, by default
+            _guard.auto_guard(engine)
 
     # -- the hit path: keep it to one dict lookup ------------------------------------
 
@@ -603,8 +609,8 @@ def registries() -> list[GreenletRegistry[Any]]:
 
 
 def stats() -> RegistryStats:
-    """The counters of every registry of the process, summed."""
-    total = RegistryStats()
+    """The counters of every registry of the process, summed, and the engine guard's."""
+    total = RegistryStats(rescued=_guard.rescued())
     for registry in registries():
         total += registry.stats()
     return total

@@ -119,7 +119,15 @@ def test_thread_reaper_survives_a_base_exception(caplog: pytest.LogCaptureFixtur
     assert result == {
         "ok": True,
         "closed": [True, False, False],
-        "stats": {"created": 3, "removed": 0, "reaped": 3, "failed": 1, "live": 0, "timed_out": 0},
+        "stats": {
+            "created": 3,
+            "removed": 0,
+            "reaped": 3,
+            "failed": 1,
+            "live": 0,
+            "timed_out": 0,
+            "rescued": 0,
+        },
     }
 
 

@@ -83,7 +83,15 @@ def test_without_gevent_the_package_imports_and_cleans_up(tmp_path: Path) -> Non
     assert result == {
         "gevent_loaded": False,
         "checkedout": 0,
-        "stats": {"created": 8, "removed": 0, "reaped": 8, "failed": 0, "live": 0, "timed_out": 0},
+        "stats": {
+            "created": 8,
+            "removed": 0,
+            "reaped": 8,
+            "failed": 0,
+            "live": 0,
+            "timed_out": 0,
+            "rescued": 0,
+        },
     }
 
 
