@@ -74,6 +74,8 @@ CHECKS = (
     "sqlite-blocking",
     "pool-size",
     "known-engines",
+    "engine-guard",
+    "gc",
     "stock-scoped-session",
     "request-end-removal",
 )
@@ -630,6 +632,77 @@ def _check_known_engines(setup: _Setup, scan: _Scan) -> list[Finding]:
     ]
 
 
+def _check_engine_guard(setup: _Setup, scan: _Scan) -> list[Finding]:
+    """Is each engine's reset kept out of the hub (gevent#1937)? Do user listeners do I/O?"""
+    from greenscope._guard import _Guard, guarded  # noqa: PLC0415
+    from greenscope._registry import registries  # noqa: PLC0415
+
+    check = "engine-guard"
+    findings = []
+    for engine in scan.engines:
+        label = _engine_label(engine)
+        if engine.dialect.is_async:
+            findings.append(
+                Finding(check, "ok", f"engine {label}: async, needs no guard (out of scope)")
+            )
+            continue
+        if not guarded(engine):
+            findings.append(
+                Finding(
+                    check,
+                    "warning" if registries() else "info",
+                    f"engine {label}: not guarded: a Session or Connection nobody closed, "
+                    "freed by the garbage collector inside the gevent hub, fails its "
+                    "rollback there (BlockingSwitchOutError, gevent#1937) and the connection "
+                    "is invalidated",
+                    "`greenscope.guard_engine(engine)` (automatic for engines greenscope "
+                    "knows: bound by a greenscope scoped_session, greenscope.flask's, or "
+                    "register_engine()'d)",
+                )
+            )
+            continue
+        own = [fn for fn in engine.pool.dispatch.reset if not isinstance(fn, _Guard)]
+        own = [fn for fn in own if getattr(fn, "__module__", "").split(".")[0] != "greenscope"]
+        if own:
+            findings.append(
+                Finding(
+                    check,
+                    "info",
+                    f"engine {label}: guarded, with {_plural(len(own), 'reset listener')} of "
+                    "yours: they still run where the reset happens, inside the hub too, so "
+                    "they must not do I/O",
+                )
+            )
+        else:
+            findings.append(Finding(check, "ok", f"engine {label}: guarded"))
+    return findings
+
+
+_DEFAULT_GC = {(700, 10, 10), (2000, 10, 10), (2000, 10, 0)}
+
+
+def _check_gc(setup: _Setup, scan: _Scan) -> list[Finding]:
+    """The GC thresholds: when automatic collections (and the resets they cause) run."""
+    import gc as _gc  # noqa: PLC0415
+
+    enabled = _gc.isenabled()
+    thresholds = _gc.get_threshold()
+    # Python's own defaults differ by version (700 before 3.13, 2000 since).
+    which = "Python's default" if thresholds in _DEFAULT_GC else str(thresholds)
+    state = f"automatic GC {'on' if enabled else 'off'}, thresholds {which}"
+    return [
+        Finding(
+            "gc",
+            "info",
+            f"{state}: a collection may run inside the gevent hub and free what nobody "
+            "closed there; the engine guard covers connections. To make collections rarer "
+            "or move them to safe points (gevent#2005): raise the thresholds "
+            "(gc.set_threshold), or gc.disable() and gc.collect() between requests, or "
+            "gc.freeze() after start-up",
+        )
+    ]
+
+
 def _check_registries(setup: _Setup, scan: _Scan) -> list[Finding]:
     check = "stock-scoped-session"
     findings = []
@@ -801,6 +874,8 @@ _CHECK_FUNCS: tuple[tuple[str, Callable[[_Setup, _Scan], list[Finding]]], ...] =
     ("sqlite-blocking", _check_sqlite),
     ("pool-size", _check_pool),
     ("known-engines", _check_known_engines),
+    ("engine-guard", _check_engine_guard),
+    ("gc", _check_gc),
     ("stock-scoped-session", _check_registries),
     ("request-end-removal", _check_request_end),
 )

@@ -177,6 +177,8 @@ ALL_OK = {
     "psycopg2-wait-callback": "ok",
     "sqlite-blocking": "ok",
     "pool-size": "ok",
+    "engine-guard": "ok",
+    "gc": "info",
     "stock-scoped-session": "ok",
     "request-end-removal": "ok",
 }
@@ -402,6 +404,33 @@ def test_engines_greenscope_cannot_see_are_flagged(scenario: Scenario) -> None:
         """
     )
     assert result == [[["other", "warning"]], []]
+
+
+def test_engine_guard_is_reported_per_engine(scenario: Scenario) -> None:
+    """Guarded engines are ok, an opted-out one warns, a user reset listener is noted."""
+    result = scenario(
+        """
+        import json
+        from gevent import monkey
+        monkey.patch_all()
+        from sqlalchemy import create_engine, event
+        from sqlalchemy.orm import sessionmaker
+        import greenscope
+        from greenscope.doctor import diagnose
+
+        url = "postgresql+psycopg://app@db.invalid/"
+        bound = create_engine(url + "bound")
+        Session = greenscope.scoped_session(sessionmaker(bound))  # guarded by default
+        listened = greenscope.register_engine(create_engine(url + "listened"))
+        event.listen(listened, "reset", lambda *args: None)
+        out = greenscope.register_engine(create_engine(url + "out"), guard=False)
+        print(json.dumps([
+            [f.message.split()[1].split("/")[-1].rstrip(":"), f.severity]
+            for f in diagnose(worker_class="gevent") if f.check == "engine-guard"
+        ]))
+        """
+    )
+    assert result == [["bound", "ok"], ["listened", "info"], ["out", "warning"]]
 
 
 def test_flags_override_the_config(doctor: Doctor) -> None:
