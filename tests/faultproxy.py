@@ -32,6 +32,14 @@ The faults:
 ``refuse(on)``
     While on, new connections are accepted and reset at once: connecting fails fast.
 
+What psycopg 3 (libpq) sees, as tests/test_faultproxy.py shows: a stalled query or
+connect blocks with no end (a server-side ``statement_timeout`` cannot help, since the
+query never reaches the server; only ``connect_timeout`` bounds a connect); after
+``drop()`` the in-flight or next call raises ``OperationalError`` ("server closed the
+connection unexpectedly", libpq's words for a reset too) and the connection is
+``broken`` and ``closed``; while refusing, ``connect()`` raises ``OperationalError``
+("Connection reset by peer") at once.
+
 Thread-safety and gevent: the proxy runs in one real OS thread, started with the
 *original* ``_thread`` functions and doing its I/O with the original ``select.poll``
 on ``_socket`` sockets (never patched by gevent), with ``gevent.monkey.get_original``
@@ -93,27 +101,36 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close() sends 
 def _start_thread(target: Callable[[], None]) -> Callable[[], object]:
     """Run ``target`` in a new real OS thread; return a function that joins it.
 
-    After the join the thread runs no more Python code and ``_thread._count()`` no
-    longer counts it (on Python 3.13+ the OS thread itself has exited too).
+    Returns once the thread runs (so ``_thread._count()`` counts it). After the join the
+    thread runs no more Python code and ``_thread._count()`` no longer counts it; on
+    Python 3.13+ the OS thread itself has exited too.
     """
-    if sys.version_info >= (3, 13):
-        handle = _original("_thread", "start_joinable_thread")(target, daemon=True)
-        join: Callable[[], object] = handle.join
-        return join
-    # Before 3.13: the lock threading.Thread.join() waits for, released by the runtime
-    # once the thread's state is deleted.
-    set_sentinel: Callable[[], _thread.LockType] = _original("_thread", "_set_sentinel")
     started = _allocate_lock()
     started.acquire()
     sentinels: list[_thread.LockType] = []
+    if sys.version_info >= (3, 13):
 
-    def run() -> None:
-        sentinels.append(set_sentinel())
+        def run() -> None:
+            started.release()
+            target()
+
+        handle = _original("_thread", "start_joinable_thread")(run, daemon=True)
+        started.acquire()
+        join: Callable[[], object] = handle.join
+        return join
+    # Before 3.13: what threading.Thread.join() waits for, a lock the thread acquires and
+    # the runtime releases once the thread's state is deleted.
+    set_sentinel: Callable[[], _thread.LockType] = _original("_thread", "_set_sentinel")
+
+    def run_with_sentinel() -> None:
+        sentinel = set_sentinel()
+        sentinel.acquire()
+        sentinels.append(sentinel)
         started.release()
         target()
 
-    _original("_thread", "start_new_thread")(run, ())
-    started.acquire()  # until run() has its sentinel
+    _original("_thread", "start_new_thread")(run_with_sentinel, ())
+    started.acquire()
     return sentinels[0].acquire
 
 
@@ -193,6 +210,8 @@ class _Connection:
 class FaultProxy:
     """A TCP proxy on 127.0.0.1 (a free port) to ``upstream_host:upstream_port``.
 
+    The upstream is the first address ``getaddrinfo`` gives, resolved once, here. Always
+    ``close()`` it (or use it as a context manager): its thread keeps it alive until then.
     See the module docstring for what each fault does and the thread-safety rules.
     """
 
