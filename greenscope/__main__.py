@@ -68,6 +68,7 @@ examples:
   python -m greenscope doctor --app myapp:app
   python -m greenscope doctor -c gunicorn.conf.py --app myapp:create_app()
   python -m greenscope doctor --worker-class gevent --worker-connections 100 --app myapp:app
+  python -m greenscope doctor --celery proj.celery:app -P gevent --concurrency 100
 """
 
 
@@ -122,6 +123,24 @@ def _parser() -> argparse.ArgumentParser:
         help="as gunicorn's preload_app (--no-preload overrides the config)",
     )
     cmd.add_argument("--chdir", metavar="DIR", help="as gunicorn's chdir")
+    cmd.add_argument(
+        "--celery",
+        metavar="MODULE[:APP]",
+        help="check a Celery worker of this app instead of a gunicorn app (as `celery -A`)",
+    )
+    cmd.add_argument(
+        "-P",
+        "--pool",
+        choices=["prefork", "gevent", "threads", "solo"],
+        help="with --celery: the worker's pool, as `celery worker -P` (default prefork)",
+    )
+    cmd.add_argument(
+        "--concurrency",
+        type=_positive,
+        metavar="N",
+        help="with --celery: as `celery worker -c` (default: the app's worker_concurrency, "
+        "else the number of CPUs)",
+    )
     cmd.add_argument("--json", action="store_true", help="print JSON instead of text")
     cmd.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     return parser
@@ -276,7 +295,76 @@ def _patch_all() -> None:
     monkey.patch_all()
 
 
+def _load_celery(uri: str) -> Any:
+    """Import a Celery app as ``celery -A`` does: ``module:name``, or ``module`` holding
+    ``app`` or ``celery``."""
+    module_name, _, name = uri.partition(":")
+    try:
+        module = import_module(module_name)
+    except (Exception, SystemExit) as exc:
+        raise _UsageError(
+            f"cannot import the Celery app {uri!r}: {exc!r} (nothing was checked)",
+            show_traceback=True,
+        ) from exc
+    for attr in [name] if name else ["app", "celery"]:
+        app = getattr(module, attr, None)
+        if app is not None and hasattr(app, "conf") and hasattr(app, "tasks"):
+            return app
+    raise _UsageError(
+        f"no Celery app in {uri!r}: give MODULE:NAME (as `celery -A`), e.g. proj.celery:app"
+    )
+
+
+def _doctor_celery(args: argparse.Namespace) -> int:
+    if args.chdir:
+        try:
+            os.chdir(args.chdir)
+        except OSError as exc:
+            raise _UsageError(f"cannot change to the directory {args.chdir!r}: {exc}") from exc
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `celery -A` imports from the working directory
+    pool = args.pool or "prefork"
+    if pool == "gevent":
+        _patch_all()  # `celery worker -P gevent` patches before it imports the app
+        order = "patch-then-app"
+    else:
+        order = "app-only"
+    app = _load_celery(args.celery)
+    concurrency = args.concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
+    findings = doctor.diagnose(
+        celery_app=app,
+        celery_pool=pool,
+        worker_connections=concurrency if pool == "gevent" else None,
+        threads=concurrency if pool == "threads" else 1,
+    )
+    inspected: dict[str, Any] = {
+        "celery": args.celery,
+        "pool": pool,
+        "concurrency": concurrency,
+        "order": order,
+    }
+    if args.json:
+        print(doctor.to_json(findings, inspected=inspected, strict=args.strict))
+    else:
+        header = {
+            "celery": args.celery,
+            "worker": f"-P {pool} -c {concurrency}"
+            + ("" if pool in {"gevent", "threads"} else " (one task at a time per process)"),
+            "order": "gevent.monkey.patch_all(), then the app (as `celery worker -P gevent`)"
+            if order == "patch-then-app"
+            else "the app, unpatched",
+        }
+        print(doctor.report(findings, inspected=header, strict=args.strict), end="")
+    return doctor.exit_status(findings, strict=args.strict)
+
+
 def _doctor(args: argparse.Namespace) -> int:
+    if args.celery:
+        if args.app or args.gunicorn_config or args.worker_class:
+            raise _UsageError("--celery checks a Celery worker: not with --app, -c or -k")
+        return _doctor_celery(args)
+    if args.pool or args.concurrency:
+        raise _UsageError("--pool and --concurrency go with --celery MODULE[:APP]")
     setup = _deployment(args)
     assumed = setup.worker_class is None
     kind = "greenscope" if assumed else doctor._worker_kind(setup.worker_class)

@@ -78,6 +78,8 @@ CHECKS = (
     "gc",
     "stock-scoped-session",
     "request-end-removal",
+    "celery-install",
+    "celery-soft-time-limit",
 )
 """Every check id, in report order."""
 
@@ -129,6 +131,8 @@ class _Setup:
     post_request: Callable[..., object] | None
     app: object
     assumed: bool = False
+    celery: Any = None  # the Celery app, when checking a Celery worker
+    pool: str | None = None  # its pool: gevent, prefork, threads, solo
 
 
 @dataclass
@@ -796,8 +800,67 @@ def _removes_stock(setup: _Setup) -> bool:
     return any(_calls_remove(f) for f in funcs)
 
 
+def _check_celery_install(setup: _Setup, scan: _Scan) -> list[Finding]:
+    """Celery: does greenscope.celery remove each task's Sessions?"""
+    if setup.celery is None:
+        return []
+    from greenscope._registry import registries  # noqa: PLC0415
+
+    check = "celery-install"
+    try:
+        from greenscope.celery import installed  # noqa: PLC0415
+    except ImportError:
+        return [Finding(check, "info", "Celery is not importable: not checked")]
+    if installed(setup.celery):
+        return [Finding(check, "ok", "greenscope.celery.install(app) ran: tasks are removed")]
+    long_lived = setup.pool in {"prefork", "threads", "solo"}
+    if not registries():
+        return [Finding(check, "info", "no greenscope registry: nothing to remove per task")]
+    return [
+        Finding(
+            check,
+            "error" if long_lived else "warning",
+            f"greenscope.celery.install(app) did not run: with the {setup.pool} pool "
+            + (
+                "every task runs on one long-lived greenlet, so the next task inherits "
+                "the previous one's Session and open transaction"
+                if long_lived
+                else "each task's Session is left to orphan cleanup (a WARNING per task, "
+                "and the connection comes back only after the task's greenlet ended)"
+            ),
+            "`greenscope.celery.install(app)` where the Celery app is created",
+        )
+    ]
+
+
+def _check_celery_soft_time_limit(setup: _Setup, scan: _Scan) -> list[Finding]:
+    """The gevent pool ignores soft_time_limit: say so where one is set."""
+    if setup.celery is None or setup.pool != "gevent":
+        return []
+    check = "celery-soft-time-limit"
+    conf = setup.celery.conf
+    limited = ["task_soft_time_limit"] if conf.get("task_soft_time_limit") else []
+    tasks = getattr(setup.celery, "tasks", {})
+    limited += sorted(name for name, t in tasks.items() if getattr(t, "soft_time_limit", None))
+    if not limited:
+        return [Finding(check, "ok", "no soft_time_limit set")]
+    return [
+        Finding(
+            check,
+            "warning",
+            f"soft_time_limit set ({', '.join(limited[:5])}), but the gevent pool ignores "
+            "it: no SoftTimeLimitExceeded is raised, the task runs on",
+            "bound waits with `gevent.Timeout(seconds)` inside the task, or use the hard "
+            "`time_limit` (the gevent pool enforces it, and greenscope still removes the "
+            "task's Session)",
+        )
+    ]
+
+
 def _check_request_end(setup: _Setup, scan: _Scan) -> list[Finding]:
     """Who removes each request's Sessions: greenscope's worker, a hook, or the app."""
+    if setup.celery is not None:
+        return []  # a Celery worker: see celery-install
     check, kind, name, hook = (
         "request-end-removal",
         setup.kind,
@@ -878,6 +941,8 @@ _CHECK_FUNCS: tuple[tuple[str, Callable[[_Setup, _Scan], list[Finding]]], ...] =
     ("gc", _check_gc),
     ("stock-scoped-session", _check_registries),
     ("request-end-removal", _check_request_end),
+    ("celery-install", _check_celery_install),
+    ("celery-soft-time-limit", _check_celery_soft_time_limit),
 )
 
 
@@ -890,6 +955,8 @@ def diagnose(
     post_request: Callable[..., object] | None = None,
     app: object = None,
     worker_class_assumed: bool = False,
+    celery_app: object = None,
+    celery_pool: str | None = None,
 ) -> list[Finding]:
     """Inspect the current process; return the findings of every check, in report order.
 
@@ -900,17 +967,24 @@ def diagnose(
     gthread, 1 for sync. ``worker_timeout`` is gunicorn's ``timeout``; ``post_request``
     the hook gunicorn will call (``cfg.post_request``); ``app`` the WSGI app, to see
     whether it removes Sessions itself. ``worker_class_assumed``: the worker class is a
-    guess, so request-end removal is not judged. A check that fails is reported as a ``warning``
-    naming the exception, never raised.
+    guess, so request-end removal is not judged. ``celery_app`` and ``celery_pool``
+    (``gevent``, ``prefork``, ``threads``, ``solo``) check a Celery worker instead of a
+    gunicorn one: ``worker_connections`` (gevent) or ``threads`` (threads) carry its
+    concurrency. A check that fails is reported as a ``warning`` naming the exception,
+    never raised.
 
     .. versionadded:: 0.1
     """
+    if celery_app is not None:
+        worker_class = {"gevent": "gevent", "threads": "gthread"}.get(celery_pool or "", "sync")
     kind = _worker_kind(worker_class)
     if kind == "threads":
         sync = _worker_name(worker_class) in {"sync", "gunicorn.workers.sync.SyncWorker"}
         concurrency, setting = (1 if sync else threads), "threads"
     else:
         concurrency, setting = worker_connections, "worker_connections"
+    if celery_app is not None:
+        setting = "worker_concurrency (-c)" if celery_pool in {"gevent", "threads"} else setting
     setup = _Setup(
         kind=kind,
         worker_name=_worker_name(worker_class),
@@ -920,6 +994,8 @@ def diagnose(
         post_request=post_request,
         app=app,
         assumed=worker_class_assumed,
+        celery=celery_app,
+        pool=celery_pool,
     )
     scan = _scan()
     findings: list[Finding] = []

@@ -12,6 +12,7 @@ status, check ids and severities, not on prose, except for the human report's ke
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -741,3 +742,73 @@ def test_post_worker_init_never_raises(scenario: Scenario) -> None:
     """
     )
     assert result == ["exception"]
+
+
+def celery_doctor(*argv: str, **env: str) -> Run:
+    """``python -m greenscope doctor --celery ...`` in a fresh process, from tests/."""
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "greenscope", "doctor", "--json", *argv],
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        check=False,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize(
+    ("pool", "install", "expected"),
+    [
+        ("threads", "0", "error"),  # the next task inherits the Session
+        ("gevent", "0", "warning"),  # orphans: a WARNING per task
+        ("prefork", "1", "ok"),
+    ],
+)
+def test_celery_worker_without_install_is_flagged(pool: str, install: str, expected: str) -> None:
+    """--celery: install() missing is an error for long-lived pools, a warning for gevent."""
+    run = celery_doctor(
+        "--celery",
+        "doctor_apps.celery_worker:app",
+        "-P",
+        pool,
+        "--concurrency",
+        "8",
+        INSTALL=install,
+    )
+    assert run.severities("celery-install") == [expected], run.stderr
+    assert run.status == (1 if expected == "error" else 0)
+
+
+def test_celery_gevent_pool_flags_soft_time_limit_and_pool_size() -> None:
+    """-P gevent: soft_time_limit is ignored there (warning); -c 100 against a pool of 10."""
+    run = celery_doctor(
+        "--celery",
+        "doctor_apps.celery_worker:app",
+        "-P",
+        "gevent",
+        "--concurrency",
+        "100",
+        INSTALL="1",
+        SOFT="1",
+    )
+    assert run.severities("celery-soft-time-limit") == ["warning"]
+    assert run.severities("pool-size") == ["error"]
+    assert run.severities("gevent-patch") == ["ok"], "patched before the app, as Celery does"
+    assert run.report["inspected"] == {
+        "celery": "doctor_apps.celery_worker:app",
+        "pool": "gevent",
+        "concurrency": 100,
+        "order": "patch-then-app",
+    }
+
+
+def test_celery_and_gunicorn_options_do_not_mix() -> None:
+    """--celery with --app, or --pool without --celery: one line, exit 2."""
+    run = celery_doctor("--celery", "x:app", "--app", "y:app")
+    assert run.status == 2
+    assert run.stderr.strip().endswith("not with --app, -c or -k")
+    run = celery_doctor("--pool", "gevent", "--app", "y:app")
+    assert run.status == 2
+    assert "go with --celery" in run.stderr
