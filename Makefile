@@ -6,6 +6,8 @@
 # make soak: 50,000 requests with faults on PostgreSQL, then an audit (SOAK_ARGS=--quick:
 #            the reduced run CI makes; --control: the stock worker, which the audit must
 #            fail). DATABASE_URL selects the database.
+# make soak-celery: a real `celery worker -P gevent -c 50` under faults, then an audit
+#            (SOAK_ARGS=--quick, --control, --broker redis; AMQP_URL, REDIS_URL).
 
 # `python3.X` if it runs, else pyenv's 3.X if installed, else nothing.
 find_python = $(shell \
@@ -19,7 +21,7 @@ VENV_SA20 := .venv-sa20
 PIP_FLAGS := --quiet --disable-pip-version-check
 VERSIONS := 'import sys, sqlalchemy, gevent; print("== Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "gevent", gevent.__version__)'
 
-.PHONY: test lint pytest pytest-sa20 demo bench soak clean
+.PHONY: test lint pytest pytest-sa20 demo bench soak soak-celery fuzz clean
 
 test: lint pytest pytest-sa20
 
@@ -56,6 +58,9 @@ bench: $(VENV)/.installed
 
 soak: $(VENV)/.installed
 	$(VENV)/bin/python deploy/soak.py $(SOAK_ARGS)
+
+soak-celery: $(VENV)/.installed
+	$(VENV)/bin/python deploy/soak_celery.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_SA20) .mypy_cache .ruff_cache .pytest_cache *.egg-info

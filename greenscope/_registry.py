@@ -699,7 +699,7 @@ def remove_current() -> int:
         if value is _MISSING:
             continue
         try:
-            exc = _close_counted(registry, value, "at the end of a request")
+            exc = _close_counted(registry, value, "when its request or task ended")
             if fatal is None and exc is not None and not isinstance(exc, Exception):
                 fatal = exc
         finally:
