@@ -15,18 +15,24 @@ from sqlalchemy import orm, text
 from sqlalchemy.orm import sessionmaker
 
 import greenscope
+from greenscope import _cleanup
 
 from conftest import CountingEngine, errors_in_hub, run_scenario
 
 
 class GCWatch:
-    """Tracks whether a cyclic GC pass is running (gc.callbacks: start/stop)."""
+    """Tracks which thread is inside a cyclic GC pass (gc.callbacks: start/stop)."""
 
     def __init__(self) -> None:
-        self.collecting = False
+        self.collecting: int | None = None
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        self.collecting = phase == "start"
+        self.collecting = _cleanup.get_ident() if phase == "start" else None
+
+    def inside(self) -> bool:
+        """True on the very thread that runs the pass, while it runs (its callbacks'
+        stack); a reaper thread that runs meanwhile is not inside it."""
+        return self.collecting == _cleanup.get_ident()
 
 
 def test_close_never_runs_inside_a_gc_pass(sqlite_db: CountingEngine) -> None:
@@ -36,7 +42,7 @@ def test_close_never_runs_inside_a_gc_pass(sqlite_db: CountingEngine) -> None:
 
     class Recording(orm.Session):
         def close(self) -> None:
-            closed_during_gc.append(watch.collecting)
+            closed_during_gc.append(watch.inside())
             super().close()
 
     Session = greenscope.scoped_session(sessionmaker(sqlite_db.engine, class_=Recording))
