@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import sessionmaker
 
-from conftest import CountingEngine, pg_url
+from conftest import CountingEngine, pg_url, run_scenario
 
 TESTS = Path(__file__).resolve().parent
 AMQP_VAR, REDIS_VAR = "GREENSCOPE_TEST_AMQP_URL", "GREENSCOPE_TEST_REDIS_URL"
@@ -59,6 +59,13 @@ class Worker:
         self.db = create_engine(pg_url())
         with self.db.begin() as conn:
             conn.execute(text(f"CREATE TABLE {self.table} (id serial, owner text)"))
+            conn.execute(text(f"CREATE TABLE {self.table}_parent (id int PRIMARY KEY)"))
+            conn.execute(
+                text(
+                    f"CREATE TABLE {self.table}_child (parent int REFERENCES "
+                    f"{self.table}_parent (id) DEFERRABLE INITIALLY DEFERRED)"
+                )
+            )
         self.env = {
             **os.environ,
             "GS_BROKER": broker,
@@ -91,6 +98,9 @@ class Worker:
         app = Celery("greenscope_tests", broker=self.env["GS_BROKER"], backend=redis_backend())
         app.conf.task_default_queue = self.queue
         return app
+
+    def send(self, key: str, mode: str, **options: Any) -> Any:
+        return self.app().send_task("celery_apps.tasks.write", (key, mode), **options)
 
     def run(self, batch: list[tuple[str, str]], **options: Any) -> dict[str, Any]:
         app = self.app()
@@ -131,7 +141,8 @@ class Worker:
             self.proc.kill()
             self.proc.wait(10)
         with self.db.begin() as conn:
-            conn.execute(text(f"DROP TABLE IF EXISTS {self.table}"))
+            for suffix in ("", "_child", "_parent"):
+                conn.execute(text(f"DROP TABLE IF EXISTS {self.table}{suffix}"))
         self.db.dispose()
 
 
@@ -154,9 +165,9 @@ BATCH = [
 ]
 
 
-def wait_idle(worker: Worker) -> int:
+def wait_idle(worker: Worker, seconds: float = 5) -> int:
     """Idle-in-transaction backends once the batch is done (give closes a moment)."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + seconds
     while (count := worker.idle_in_transaction()) and time.monotonic() < deadline:
         time.sleep(0.05)
     return count
@@ -274,3 +285,56 @@ def test_install_refuses_what_is_not_a_celery_app() -> None:
 
     with pytest.raises(TypeError, match="takes your Celery application"):
         greenscope.celery.install("proj.celery:app")
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(180)
+def test_a_failing_commit_fails_the_task(worker_factory: Any) -> None:
+    """commit_on_success: a COMMIT that fails (deferred foreign key) is a FAILURE."""
+    worker = worker_factory("redis", "gevent", GS_COMMIT="1")
+    outcome = worker.run([("doomed", "deferred"), ("fine", "forget")])
+    assert outcome["doomed"][0] == "FAILURE"
+    assert "ForeignKeyViolation" in repr(outcome["doomed"][1])
+    assert outcome["fine"][0] == "SUCCESS"
+    assert worker.stored() == ["fine"]
+    for report in worker.stop():
+        assert report["live"] == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(180)
+def test_a_revoked_and_terminated_task_is_rolled_back_and_removed(worker_factory: Any) -> None:
+    """gevent pool: revoke(terminate=True) kills the task mid-transaction; nothing stays."""
+    worker = worker_factory("rabbitmq", "gevent")
+    result = worker.send("revoked", "hang")
+    deadline = time.monotonic() + 30
+    while worker.idle_in_transaction() == 0:  # the task has written and sleeps
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.05)
+    app = worker.app()
+    app.control.revoke(result.id, terminate=True)
+    while not result.ready():
+        assert time.monotonic() < deadline, "the task was not terminated"
+        time.sleep(0.05)
+    assert result.state == "REVOKED"  # stored as the kill is issued: it lands just after
+    assert wait_idle(worker, 20) == 0, "rolled back long before its 30 s sleep would end"
+    assert worker.stored() == []
+    for report in worker.stop():
+        assert report["live"] == 0
+        assert report["checked_out"] == 0
+        assert report["orphan_warnings"] == 0
+
+
+def test_importing_without_celery_names_the_extra() -> None:
+    """Without Celery installed, importing greenscope.celery says what to install."""
+    result = run_scenario(
+        """
+        import json, sys
+        sys.modules["celery"] = None  # as if not installed
+        try:
+            import greenscope.celery
+        except ImportError as exc:
+            print(json.dumps(str(exc)))
+        """
+    )
+    assert "pip install 'greenscope[celery]'" in result

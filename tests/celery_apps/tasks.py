@@ -76,8 +76,10 @@ def write(self: Any, key: str, mode: str) -> bool:
         raise self.retry(countdown=0, max_retries=1)
     elif mode == "retry":
         Session.commit()
-    elif mode == "hang":  # past its time_limit: killed mid-transaction (gevent pool)
+    elif mode == "hang":  # past its time_limit, or revoked: killed mid-transaction
         time.sleep(30)
+    elif mode == "deferred":  # its COMMIT will fail: a deferred foreign key is violated
+        Session.execute(text(f"INSERT INTO {TABLE}_child (parent) VALUES (-1)"))
     return foreign
 
 
