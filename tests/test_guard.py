@@ -38,8 +38,9 @@ engine = create_engine(
     {url!r}, pool_size=3, max_overflow=0, pool_timeout=5,
     connect_args={{"application_name": tag}}, **{engine_kw}
 )
-invalidated = []
+invalidated, connects = [], []
 event.listen(engine, "invalidate", lambda *a: invalidated.append(1))
+event.listen(engine, "connect", lambda *a: connects.append(1))
 resets = []
 if {user_listener}:
     event.listen(engine, "reset", lambda dbapi, rec, state: resets.append(1))
@@ -101,6 +102,7 @@ result = {{
     "rescued": greenscope.stats().rescued,
     "rescue_warnings": log.count("returned to its pool inside the gevent hub"),
     "user_resets": len(resets),
+    "connects": len(connects),
 }}
 engine.dispose()
 sys.__stdout__.write(json.dumps(result) + "\\n")
@@ -169,6 +171,7 @@ def test_outside_the_hub_the_reset_is_sqlalchemys_own() -> None:
     guarded = scenario("explicit", in_hub=False)
     assert {k: guarded[k] for k in CLEAN} == CLEAN
     assert guarded["rescued"] == 0
+    assert guarded["connects"] == 3, "the two leaked connections were kept, not replaced"
     assert guarded == scenario("opted-out", in_hub=False)
 
 

@@ -604,3 +604,44 @@ def test_a_failed_sqlite_commit_never_goes_back_to_the_pool_in_its_transaction(
         owners = conn.execute(text("SELECT owner FROM items")).scalars().all()
     assert owners == ["next request"], "the failed request's write was not committed later"
     engine.dispose()
+
+
+FLASK_FORK_PG = """
+import json, os
+from flask import Flask
+from sqlalchemy import text
+from greenscope.flask import SQLAlchemy
+
+app = Flask("t")
+app.config["SQLALCHEMY_DATABASE_URI"] = {url!r}
+db = SQLAlchemy(app)
+with app.app_context():  # the database touched at import, as db.create_all() does
+    parent = db.session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    db.session.remove()
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    with app.app_context():
+        child = db.session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        db.session.remove()
+    os.write(write, str(child).encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+child = int(os.read(read, 100))
+with app.app_context():  # the parent's pooled connection still works
+    again = db.session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    db.session.remove()
+    db.engine.dispose()
+print(json.dumps({{"shared": child == parent, "parent_kept": again == parent}}))
+"""
+
+
+@pytest.mark.postgres
+def test_a_forked_flask_worker_never_uses_the_parents_connection() -> None:
+    """greenscope.flask under --preload: the child gets its own backend; the parent keeps its."""
+    from conftest import pg_url  # noqa: PLC0415
+
+    assert run_scenario(FLASK_FORK_PG.format(url=pg_url())) == {
+        "shared": False,
+        "parent_kept": True,
+    }
