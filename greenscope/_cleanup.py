@@ -237,6 +237,18 @@ class _Pending:
 _pending = _Pending()
 
 
+class _Generation:
+    """Bumped in a forked child: jobs started before the fork are the parent's."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+_generation = _Generation()
+
+
 def pending() -> int:
     """Jobs submitted and not finished (or cut) yet."""
     return _pending.count
@@ -299,6 +311,11 @@ class _Watchdog:
                     self.wake.release()
         return entry
 
+    def poke(self) -> None:
+        """Wake the watchdog now. Safe from any context (a real lock's release)."""
+        with contextlib.suppress(RuntimeError):  # already woken
+            self.wake.release()
+
     def finish(self, entry: _Running) -> bool:
         """The worker finished ``entry``; True if in time (it still owns the bookkeeping)."""
         with self.lock:
@@ -326,6 +343,7 @@ class _Watchdog:
                 self.sleep_until = earliest
             for entry in due:
                 self._cut(entry)
+            _thread_reaper.staff()
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_INTERVAL
                 for task in list(self.periodic):
@@ -358,6 +376,7 @@ def _run_job(job: Job, on_cut: Callable[[_Running], None]) -> bool:
     Jobs log and count their own failures and do not raise; this is the last line of
     defence, so that a reaper never dies and nothing reaches the hub or another greenlet.
     """
+    generation = _generation.n
     entry = _watchdog.start(job, on_cut)
     try:
         job()
@@ -366,9 +385,14 @@ def _run_job(job: Job, on_cut: Callable[[_Running], None]) -> bool:
     except BaseException:  # pragma: no cover - defensive
         logger.exception("greenscope: a cleanup job failed")
     finally:
-        in_time = _watchdog.finish(entry)
-        if in_time:
-            _pending.count -= 1
+        if generation != _generation.n:
+            # Started in the parent before fork() and resumed in this child: none of
+            # the child's bookkeeping is this job's (see _after_fork_in_child).
+            in_time = False
+        else:
+            in_time = _watchdog.finish(entry)
+            if in_time:
+                _pending.count -= 1
     return in_time
 
 
@@ -516,6 +540,18 @@ class _ThreadReaper:
 
     def submit(self, job: Job) -> None:
         self.queue.put(job)
+        if self.idle == 0:  # every worker is busy (or stuck): the watchdog starts one
+            _watchdog.poke()
+
+    def staff(self) -> None:
+        """From the watchdog: start a worker if jobs wait and none is idle (below the
+        limit and the stuck cap). Ordinary code."""
+        if (
+            not self.queue.empty()
+            and self.idle == 0
+            and self.workers < _settings.max_concurrent_closes
+        ):
+            self._grow()
 
     def _on_cut(self, entry: _Running) -> None:  # the watchdog thread
         with self.lock:
@@ -544,6 +580,7 @@ class _ThreadReaper:
             if not _run_job(job, self._on_cut):
                 with self.lock:
                     self.stuck -= 1
+                _watchdog.poke()  # below the stuck cap again: jobs may be waiting
                 return  # replaced at the cut: this thread is surplus now
 
 
@@ -606,6 +643,77 @@ def _fileno(dbapi_connection: Any) -> int | None:
     return None
 
 
+class _Claim:
+    """A DBAPI connection a running cleanup job holds, and whether it was cut."""
+
+    __slots__ = ("connection", "cut")
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.cut = False
+
+
+# id(DBAPI connection) -> its claim, while a cleanup job holds it. Guarded by _claim_lock,
+# which is what makes "still the job's, so shut it down" atomic with the check-in: the
+# pool's reset event (see checking_in) runs before a connection re-enters the pool.
+_claims: dict[int, _Claim] = {}
+_claim_lock = _allocate_lock()
+
+
+def claim(dbapi_connections: list[Any]) -> list[_Claim]:
+    """Mark connections a job is about to release (ordinary code, the job's own context)."""
+    claims = [_Claim(c) for c in dbapi_connections]
+    with _claim_lock:
+        for c in claims:
+            _claims[id(c.connection)] = c
+    return claims
+
+
+def release(claims: list[_Claim]) -> None:
+    """The job is over: forget its claims (those checked in are gone already)."""
+    if not claims:
+        return
+    with _claim_lock:
+        for c in claims:
+            if _claims.get(id(c.connection)) is c:
+                del _claims[id(c.connection)]
+
+
+def cut_claimed(claims: list[_Claim]) -> int:
+    """Shut down the sockets of ``claims`` still held by their job; return how many.
+
+    Under the claim lock: a connection already checked in (its claim dropped by
+    :func:`checking_in`) is never touched, so a cut can never reach a connection the
+    pool has handed to another request. Any thread; never blocks for long.
+    """
+    with _claim_lock:
+        live = [c for c in claims if _claims.get(id(c.connection)) is c and not c.cut]
+        for c in live:
+            c.cut = True
+        return shutdown_sockets([c.connection for c in live])
+
+
+def checking_in(dbapi_connection: Any, record: Any) -> None:
+    """From the pool's ``reset`` event, before a connection re-enters its pool.
+
+    Drops the connection's claim; if a cut shut its socket down meanwhile, the record
+    goes back empty (the next checkout connects anew), as an invalidation leaves it.
+    Cost on every check-in: one truth test of a dict that is almost always empty.
+    """
+    if not _claims:
+        return
+    c = _claims.get(id(dbapi_connection))
+    if c is None or c.connection is not dbapi_connection:
+        return
+    with _claim_lock:
+        del _claims[id(dbapi_connection)]
+        cut = c.cut
+    if cut and record is not None:
+        record.dbapi_connection = None
+        with contextlib.suppress(Exception):  # its socket is dead: closing may complain
+            dbapi_connection.close()
+
+
 def shutdown_sockets(dbapi_connections: list[Any]) -> int:
     """Shut down the sockets of ``dbapi_connections`` from outside; return how many.
 
@@ -654,22 +762,20 @@ class _ThreadEnd:
 
 
 _thread_ends = _ThreadLocal()
-_MAIN_THREAD = get_ident()
 
 
-def at_thread_end(callback: Callable[[], None]) -> bool:
-    """Call ``callback`` when the current OS thread ends; False for the main thread.
+def at_thread_end(callback: Callable[[], None]) -> None:
+    """Call ``callback`` when the current OS thread ends.
 
     ``callback`` runs in the ending thread during its teardown (like a weakref
-    callback): it must not block, log or raise.
+    callback): it must not block, log or raise. For the process's main thread that is
+    interpreter shutdown, if ever: harmless (no special case: which thread is "main" is
+    not something we can learn reliably after monkey-patching).
     """
-    if get_ident() == _MAIN_THREAD:
-        return False
     end: _ThreadEnd | None = getattr(_thread_ends, "end", None)
     if end is None:
         end = _thread_ends.end = _ThreadEnd()
     end.callbacks.append(callback)
-    return True
 
 
 # -- fork -----------------------------------------------------------------------------------
@@ -712,11 +818,15 @@ def _after_fork_in_child() -> None:
         except _queue.Empty:
             break
     pin_forever(inherited)
+    _generation.n += 1
     _pending.count = 0
+    _claims.clear()
     _thread_reaper.reset()
     periodic = _watchdog.periodic
     _watchdog.reset()
     _watchdog.periodic = periodic
+    global _claim_lock  # noqa: PLW0603 - the parent's may have been held at fork
+    _claim_lock = _allocate_lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -744,6 +854,26 @@ def submit(job: Job, owner_thread: int | None, owner_hub: Any | None) -> None:
             _hub_reaper(owner_hub).submit_threadsafe(job)
             return
     _thread_reaper.submit(job)
+
+
+def run_here(job: Job) -> None:
+    """Run ``job`` now, in the calling context, under the watchdog's deadline (a cut
+    shuts its sockets down, which makes a blocked close fail). Re-raises what it raises."""
+    _pending.count += 1
+    generation = _generation.n
+    entry = _watchdog.start(job, lambda entry: None)
+    try:
+        job()
+    finally:
+        if generation == _generation.n and _watchdog.finish(entry):
+            _pending.count -= 1
+
+
+def wait_for(done: Callable[[], bool]) -> None:
+    """Wait (yielding to this thread's hub) until ``done()``. A greenlet, never the hub."""
+    sleep = _gevent_sleep if hub_if_exists() is not None and _gevent_sleep else time.sleep
+    while not done():
+        sleep(0.001)
 
 
 def wait_idle(timeout: float | None = None, busy: Callable[[], bool] = lambda: False) -> bool:

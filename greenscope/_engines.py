@@ -55,6 +55,7 @@ def register_engine(engine: Any, *, guard: bool = True) -> Engine:
             f"sqlalchemy.create_engine(); got {engine!r}.{hint}"
         )
     _REGISTERED.add(engine)
+    _cleanup.prepare()  # ordinary code: the cleanup threads exist before any rescue
     if guard:
         _guard.auto_guard(engine)
     return engine
@@ -92,15 +93,28 @@ def dispose_after_fork() -> None:
     pool is then pinned rather than dropped: freed, its connections would be finalized
     by their driver, and some drivers (psycopg2's ``PQfinish`` on dealloc) then send a
     Terminate message on the socket the parent still uses. Runs once per child.
+    In-memory SQLite engines are left alone: the child's copy is its own.
     """
     if _disposed.pid == os.getpid():
         return
     _disposed.pid = os.getpid()
     old_pools: list[Any] = []
     for engine in known_engines():
+        if _in_memory(engine):
+            continue  # the child's copy of the database is its own: nothing shared
         old_pools.append(engine.pool)
         engine.dispose(close=False)
     _cleanup.pin_forever(old_pools)
+
+
+def _in_memory(engine: Engine) -> bool:
+    """An in-memory SQLite database: it lives in the process, copied by fork, and a fresh
+    pool would open an empty one (``multiprocessing`` children read their copy)."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite":
+        return False
+    database = url.database or ""
+    return database in {"", ":memory:"} or "mode=memory" in str(url.query.get("mode", ""))
 
 
 class _Disposed:

@@ -93,6 +93,8 @@ class _Guard:
     def __call__(self, dbapi_connection: Any, record: Any, reset_state: Any) -> None:
         if not reset_state.asyncio_safe or dbapi_connection is None:
             return
+        if record is not None and record.dbapi_connection is None:
+            return  # taken out of the pool already (a cut cleanup job's connection)
         hub = _cleanup.hub_if_exists()
         if hub is not None and getcurrent() is hub:
             self._rescue(dbapi_connection, record, hub)
@@ -198,6 +200,7 @@ def guard_engine(engine: Any, *, enabled: bool = True) -> Engine:
     _opted_out.discard(engine)
     if existing or engine.dialect.is_async:
         return engine
+    _cleanup.prepare()  # the watchdog guards rescues too, and may not be running yet
     guard = _Guard(engine, pool._reset_on_return)
     event.listen(engine, "reset", guard)
     pool._reset_on_return = reset_none

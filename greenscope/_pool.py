@@ -1,5 +1,12 @@
 """Pool-level repairs: what greenscope makes sure of when a connection is checked in.
 
+One class-level ``reset`` listener, installed once at import, does two things:
+
+* a connection a cleanup job held while the watchdog cut its socket never re-enters the
+  pool (:func:`greenscope._cleanup.checking_in`: the claim check and the cut share a
+  lock, so a cut can never reach a connection the pool handed to someone else);
+* it rolls back SQLite transactions left open after a failed COMMIT (below).
+
 After a COMMIT that fails on SQLite (``database is locked``, a deferred foreign key),
 SQLAlchemy deactivates the transaction without rolling it back, then believes the
 connection was reset and skips its reset-on-return ROLLBACK
@@ -26,10 +33,15 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
+from greenscope import _cleanup
+
 __all__: list[str] = []
 
 
 def _rollback_leftover(dbapi_connection: Any, record: Any, reset_state: Any) -> None:
+    _cleanup.checking_in(dbapi_connection, record)  # a cleanup job's cut connection
+    if record is not None and record.dbapi_connection is None:
+        return  # taken out of the pool (cut): nothing to reset
     if (
         reset_state.transaction_was_reset
         and reset_state.asyncio_safe

@@ -181,7 +181,7 @@ class _Watch:
         _cleanup.prepare()
         if self.main:
             # A thread's main greenlet may outlive its thread (kept by a hub's cycle):
-            # its thread's end is its death. False for the process's main thread.
+            # its thread's end is its death.
             _cleanup.at_thread_end(self._thread_ended)
         self.rawlinked = False
         if _GeventGreenlet is not None and isinstance(g, _GeventGreenlet):
@@ -261,7 +261,7 @@ class _Reap:
     Sessions opened, which makes the blocked close fail and invalidate them.
     """
 
-    __slots__ = ("orphan", "owner", "registry", "reraise", "transactions", "value")
+    __slots__ = ("claims", "done", "orphan", "owner", "registry", "reraise", "value")
 
     def __init__(
         self,
@@ -278,7 +278,8 @@ class _Reap:
         # Only a caller that asked for the close (close_all) gets a kill re-raised; a
         # reaper never raises: it would kill the reaper or land in the hub.
         self.reraise = reraise
-        self.transactions: list[Any] = []
+        self.claims: list[Any] = []
+        self.done = False
 
     def __call__(self) -> None:
         registry, value = self.registry, self.value
@@ -291,8 +292,11 @@ class _Reap:
                 type(value).__name__,
                 self.owner,
             )
-        # For cut(): what the close will release (read by the watchdog thread).
-        self.transactions = [s.get_transaction() for s in sessions_in(value)]
+        # For cut(): the connections the close will release, claimed so that a cut can
+        # never reach one that is back in the pool (see _cleanup.claim).
+        self.claims = _cleanup.claim(
+            [c for s in sessions_in(value) for c in _opened_dbapi_connections(s.get_transaction())]
+        )
         try:
             exc = _close_counted(registry, value, f"of {self.owner}", self.orphan)
             if (
@@ -303,7 +307,8 @@ class _Reap:
                 raise exc  # GreenletExit and the like, to close_all()'s caller
         finally:
             self.value = None
-            self.transactions = []
+            self.done = True
+            _cleanup.release(self.claims)
             if self.orphan:
                 registry._reaped += 1
             else:
@@ -313,20 +318,22 @@ class _Reap:
         """The close passed its deadline (the watchdog thread): cut its connections."""
         registry = self.registry
         registry._timed_out += 1
-        dbapi = [c for tx in self.transactions for c in _opened_dbapi_connections(tx)]
-        cut = _cleanup.shutdown_sockets(dbapi)
+        cut = _cleanup.cut_claimed(self.claims)
+        what = (
+            f"shut down {cut} connection socket(s) from outside, so the close fails and "
+            "invalidates them (their pool slots are freed; the database rolls the "
+            "transaction back when it sees the connection go)"
+            if cut
+            else "found no connection socket to cut: the close stays blocked in its "
+            "worker until it returns"
+        )
         logger.error(
             "greenscope: closing %s of %s took longer than close_timeout=%ss; greenscope "
-            "stopped waiting and shut down %d of its %d connection socket(s), so the "
-            "close fails and invalidates them (the pool slot is freed; the database "
-            "rolls the transaction back when it sees the connection go). A close blocked "
-            "with no socket to cut stays blocked in its worker; no other close waits "
-            "for it.",
+            "stopped waiting and %s. No other close waits for it.",
             type(self.value).__name__,
             self.owner,
             _cleanup.settings().close_timeout,
-            cut,
-            len(dbapi),
+            what,
         )
 
 
@@ -789,12 +796,29 @@ def close_all(*, include_running: bool = True, shutdown: bool = True) -> int:
                 jobs.append(job)
             else:
                 _cleanup.submit(job, watch.thread, watch.owner_hub())
-    for i, job in enumerate(jobs):
-        try:
-            job()  # logs and counts its own failure; only re-raises GreenletExit and the like
-        except BaseException:
-            for rest in jobs[i + 1 :]:  # killed while closing: the reaper closes the rest
-                _cleanup.submit(rest, me, _cleanup.hub_if_exists())
-            raise
+    _close_own(jobs, me)
     _orphan_warnings.flush(force=True)
     return total
+
+
+def _close_own(jobs: list[_Reap], me: int) -> None:
+    """close_all()'s closes of the calling thread's values."""
+    hub = _cleanup.hub_if_exists()
+    if jobs and hub is not None:
+        # Side by side in this hub's reaper greenlets, each under its deadline; we wait.
+        # Killed while waiting, we re-raise and the reaper closes the rest.
+        for job in jobs:
+            job.reraise = False
+            _cleanup.submit(job, me, hub)
+        _cleanup.wait_for(lambda: all(job.done for job in jobs))
+    else:
+        for i, job in enumerate(jobs):
+            try:
+                # One by one, each under the watchdog's deadline; a job logs and counts
+                # its own failure and only re-raises GreenletExit and the like.
+                _cleanup.run_here(job)
+            except BaseException:
+                for rest in jobs[i + 1 :]:  # killed while closing: the reaper closes the rest
+                    rest.reraise = False
+                    _cleanup.submit(rest, me, None)
+                raise

@@ -123,12 +123,15 @@ class _Entry:
     even when a generator holding the block is finalized by another greenlet.
     """
 
-    __slots__ = ("frame", "owned", "owner")
+    __slots__ = ("frame", "owned", "owner", "session")
 
-    def __init__(self, frame: FrameType | None, owner: RawGreenlet, owned: bool) -> None:
+    def __init__(
+        self, frame: FrameType | None, owner: RawGreenlet, owned: bool, session: Session
+    ) -> None:
         self.frame = frame
         self.owner = weakref.ref(owner)
         self.owned = owned
+        self.session = session  # what the entry handed out: what its exit commits
 
 
 class session_scope(Generic[_S]):
@@ -149,9 +152,11 @@ class session_scope(Generic[_S]):
 
     An exit acts only on what its own entry opened. One object may be entered by many
     greenlets at once, or nested; each entry is matched to its exit by the frame of its
-    ``with`` statement. An exit that runs in another greenlet than its entry (a
-    generator holding the block, abandoned by its greenlet and finalized by another, or
-    by the garbage collector) neither commits nor closes: the Session belongs to the
+    ``with`` statement, and commits and closes the Session that entry handed out, even
+    when scopes of one greenlet end out of order (two generators). An exit that runs in
+    another greenlet than its entry (a generator holding the block, abandoned by its
+    greenlet and finalized by another, or by the garbage collector) neither commits nor
+    closes: the Session belongs to the
     entry's greenlet, which may still be using it; it is left to that greenlet's
     removal, or to orphan cleanup when that greenlet ends.
 
@@ -183,7 +188,7 @@ class session_scope(Generic[_S]):
     def __enter__(self) -> _S:
         owned = not self._session.registry.has()
         session = self._session()
-        self._entries.append(_Entry(sys._getframe(1), getcurrent(), owned))
+        self._entries.append(_Entry(sys._getframe(1), getcurrent(), owned, session))
         return session
 
     def _pop_entry(self, frame: FrameType | None) -> _Entry | None:
@@ -222,12 +227,19 @@ class session_scope(Generic[_S]):
                 "neither committed nor closed here"
             )
             return
+        session, entry.session = entry.session, None  # type: ignore[assignment]
         try:
             if self._commit and exc_type is None:
-                self._session().commit()
+                session.commit()  # the Session this entry handed out, even if replaced
         finally:
             if entry.owned:
-                self._session.remove()
+                registry = self._session.registry
+                if registry.has() and registry() is session:
+                    self._session.remove()
+                else:
+                    # Removed or replaced meanwhile (another scope of this greenlet ended
+                    # first): still ours to close, or its connection would stay out.
+                    close_or_release(session)
 
     def __call__(self, func: Callable[_P, _R]) -> Callable[_P, _R]:
         if (

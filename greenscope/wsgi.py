@@ -112,8 +112,8 @@ def _listen_for_writes() -> None:
         event.listen(Session, "do_orm_execute", _note_execute)
 
 
-def _commit_all() -> None:
-    for session in greenscope.current_sessions():
+def _commit_all(sessions: list[Any]) -> None:
+    for session in sessions:
         commit = getattr(session, "commit", None)
         if commit is not None:
             commit()
@@ -130,7 +130,9 @@ class _Request:
         "committed",
         "failed",
         "finished",
+        "nested",
         "owner",
+        "snapshot",
         "status",
         "wrote",
     )
@@ -143,14 +145,29 @@ class _Request:
         self.finished = False
         self.closed_elsewhere = False
         self.wrote = False  # the app used the write() callable
+        self.snapshot: list[Any] = []  # the request's Sessions when the app returned
+        self.nested = False
         g = getcurrent()
         self.owner = weakref.ref(g)
         d = g.__dict__
         previous: _Request | None = d.get(_OPEN)
-        if previous is not None and previous.closed_elsewhere and not previous.finished:
-            # Its close() ran in another thread, which could not remove what it left in
-            # this greenlet: that request is over, so nothing of it may reach this one.
-            previous.finish()
+        if previous is not None and not previous.finished:
+            if previous.closed_elsewhere:
+                # Its close() ran in another thread, which could not remove what it left
+                # in this greenlet: that request is over, so nothing of it may reach this.
+                previous.finish()
+            else:
+                # Called inside a request this middleware already serves (a second
+                # GreenscopeMiddleware, or a sub-request through it): the outer request
+                # owns the unit of work, its commit and its removal.
+                self.nested = True
+                if commit and not previous.commit:
+                    logger.warning(
+                        "greenscope: a GreenscopeMiddleware(commit_on_success=True) runs "
+                        "inside another GreenscopeMiddleware without it; the outer one owns "
+                        "the request and does not commit. Wrap the app once."
+                    )
+                return
         d[_OPEN] = self
         if commit:
             d[_MARK] = True
@@ -159,19 +176,25 @@ class _Request:
         return not self.failed and self.status is not None and self.status < 500
 
     def commit_point(self) -> None:
-        """Nothing has been sent yet: commit if the response succeeded so far. Once."""
-        if self.committed:
+        """Nothing has been sent yet: commit if the response succeeded so far. Once.
+
+        Only the request's own Sessions: those of its greenlet, or, when another greenlet
+        iterates the body, those it held when the app returned.
+        """
+        if self.committed or self.nested:
             return
         self.committed = True
         if self.commit and self.succeeded():
             try:
-                _commit_all()
+                _commit_all(greenscope.current_sessions() if self.in_owner() else self.snapshot)
             except BaseException:
                 self.failed = True
                 raise
 
     def finish(self) -> None:
         """Remove the request's Sessions. In the request's greenlet only; idempotent."""
+        if self.nested:
+            return
         d = getcurrent().__dict__
         try:
             if self.commit and self.committed:
@@ -267,6 +290,8 @@ def _close(original: Callable[[], object] | None, request: _Request) -> None:
 
 def _wrap(result: Iterable[bytes], request: _Request, environ: dict[str, Any]) -> Iterable[bytes]:
     original: Callable[[], object] | None = getattr(result, "close", None)
+    if request.commit:
+        request.snapshot = greenscope.current_sessions()  # the owner's, for commit_point
     if isinstance(result, (list, tuple)):
         request.commit_point()
         request.finish()  # complete: no app code runs while it is sent

@@ -1,0 +1,363 @@
+"""What an adversarial review of the 0.2 hardening found: each test failed before its fix."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import sessionmaker
+
+import greenscope
+from greenscope import _cleanup
+from greenscope.wsgi import GreenscopeMiddleware
+
+from conftest import CountingEngine, pg_url, run_scenario
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+class Blocking:
+    """A value whose close() waits for ``release`` (a real threading.Event)."""
+
+    def __init__(self, name: str, release: threading.Event | None, closed: dict[str, float]):
+        self.name, self.release, self.closed = name, release, closed
+
+    def close(self) -> None:
+        if self.release is not None:
+            self.release.wait()
+        self.closed[self.name] = time.monotonic()
+
+
+def end_thread_holding(registry: greenscope.GreenletRegistry[Any]) -> None:
+    t = threading.Thread(target=registry)
+    t.start()
+    t.join()
+
+
+def test_a_queued_close_never_waits_behind_a_hung_one_in_the_reaper_threads() -> None:
+    """With every reaper thread busy, a new close gets a new thread, not a wait in line."""
+    previous = greenscope.configure_cleanup(close_timeout=30)
+    release, closed = threading.Event(), {}
+    values = iter([Blocking("hung", release, closed), Blocking("second", None, closed)])
+    registry = greenscope.GreenletRegistry(lambda: next(values))
+    try:
+        end_thread_holding(registry)
+        deadline = time.monotonic() + 10
+        while _cleanup._thread_reaper.idle:  # the hung close occupies the idle worker
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        end_thread_holding(registry)
+        while "second" not in closed:
+            assert time.monotonic() < deadline, "the second close waited behind the first"
+            time.sleep(0.005)
+    finally:
+        release.set()
+        greenscope.configure_cleanup(close_timeout=previous.close_timeout)
+    assert greenscope.wait_reaped(10)
+
+
+def test_reaper_threads_restart_once_stuck_closes_return() -> None:
+    """At the cap of stuck threads the queue waits; a stuck close's return resumes it."""
+    previous = greenscope.configure_cleanup(close_timeout=0.1, max_concurrent_closes=1)
+    release, closed = threading.Event(), {}
+    names = ["hung1", "hung2", "hung3", "hung4", "normal"]
+    values = iter([Blocking(n, None if n == "normal" else release, closed) for n in names])
+    registry = greenscope.GreenletRegistry(lambda: next(values))
+    try:
+        for _ in names:
+            end_thread_holding(registry)
+        deadline = time.monotonic() + 10
+        while _cleanup._thread_reaper.stuck < 4:
+            assert time.monotonic() < deadline, "four closes should be stuck at the cap"
+            time.sleep(0.01)
+        assert "normal" not in closed
+        release.set()
+        assert greenscope.wait_reaped(10), "the queue resumed when a stuck close returned"
+        assert "normal" in closed
+    finally:
+        release.set()
+        greenscope.configure_cleanup(
+            close_timeout=previous.close_timeout,
+            max_concurrent_closes=previous.max_concurrent_closes,
+        )
+
+
+def test_greenscope_imported_in_a_thread_still_reaps_threads_that_reuse_its_ident(
+    tmp_path: Path,
+) -> None:
+    """No "main thread" guess: a thread reusing the importer's ident is reaped at its end."""
+    result = run_scenario(
+        f"""
+        import json, threading
+        def importer():
+            global greenscope, sa, orm
+            import greenscope, sqlalchemy as sa
+            from sqlalchemy import orm
+        t = threading.Thread(target=importer); t.start(); t.join()
+        engine = sa.create_engine("sqlite:///{tmp_path / "t.db"}", pool_size=2, max_overflow=0)
+        Session = greenscope.scoped_session(orm.sessionmaker(engine))
+        def worker():
+            import gevent
+            gevent.sleep(0)  # a hub for this thread
+            Session.execute(sa.text("SELECT 1"))
+        for _ in range(3):  # idents are reused at once
+            w = threading.Thread(target=worker); w.start(); w.join()
+        ok = greenscope.wait_reaped(5)
+        print(json.dumps({{"reaped": ok, "live": greenscope.stats().live,
+                          "checked_out": engine.pool.checkedout()}}))
+        """
+    )
+    assert result == {"reaped": True, "live": 0, "checked_out": 0}
+
+
+def test_fork_during_a_running_close_leaves_the_childs_bookkeeping_alone() -> None:
+    """A close running in a hub at fork() is the parent's: the child's counts stay exact."""
+    result = run_scenario(
+        """
+        import json, os, time
+        import gevent
+        import greenscope
+        from greenscope import _cleanup
+        class V:
+            def close(self):
+                gevent.sleep(0.3)  # a close in progress at fork
+        registry = greenscope.GreenletRegistry(V)
+        gevent.spawn(registry).join()
+        gevent.sleep(0.05)
+        read, write = os.pipe()
+        pid = gevent.fork()
+        if pid == 0:
+            gevent.sleep(0.5)  # long enough for an inherited job to resume
+            pending_before = _cleanup.pending()
+            gevent.spawn(registry).join()  # the child's own orphan
+            ok = greenscope.wait_reaped(5)
+            report = {"pending_before": pending_before, "reaped": ok,
+                      "pending_after": _cleanup.pending(), "reaped_count": registry.stats().reaped}
+            os.write(write, json.dumps(report).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(os.read(read, 1000).decode())
+        """
+    )
+    assert result["pending_before"] == 0
+    assert result["reaped"] is True
+    assert result["pending_after"] == 0
+    assert result["reaped_count"] >= 1
+
+
+def test_in_memory_sqlite_engines_are_not_disposed_in_a_forked_child() -> None:
+    """A forked child reads its own copy of an in-memory database, as without greenscope."""
+    result = run_scenario(
+        """
+        import json, os
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.orm import sessionmaker
+        from sqlalchemy.pool import StaticPool
+        import greenscope
+        seen = []
+        for kw in ({}, {"poolclass": StaticPool}):
+            engine = create_engine("sqlite://", **kw)
+            Session = greenscope.scoped_session(sessionmaker(engine))
+            Session.execute(text("CREATE TABLE t (x int)"))
+            Session.execute(text("INSERT INTO t VALUES (42)"))
+            Session.commit()
+            read, write = os.pipe()
+            if os.fork() == 0:
+                value = Session.execute(text("SELECT x FROM t")).scalar_one()
+                os.write(write, str(value).encode())
+                os._exit(0)
+            os.wait()
+            seen.append(int(os.read(read, 10)))
+            Session.remove()
+        print(json.dumps(seen))
+        """
+    )
+    assert result == [42, 42]
+
+
+def test_register_engine_starts_the_cleanup_watchdog() -> None:
+    """The guard's rescues have deadlines even when no registry value was ever stored."""
+    result = run_scenario(
+        """
+        import json
+        from sqlalchemy import create_engine
+        import greenscope
+        from greenscope import _cleanup
+        before = _cleanup._watchdog.started
+        greenscope.register_engine(create_engine("sqlite://"))
+        print(json.dumps([before, _cleanup._watchdog.started]))
+        """
+    )
+    assert result == [False, True]
+
+
+def test_nested_middleware_leaves_the_request_to_the_outer_one(
+    sqlite_db: CountingEngine,
+) -> None:
+    """A GreenscopeMiddleware inside another never removes before the outer one commits."""
+    Session = greenscope.scoped_session(sessionmaker(sqlite_db.engine))
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        Session.execute(text("INSERT INTO items (owner) VALUES ('acknowledged')"))
+        start_response("200 OK", [])
+        return [b"saved"]
+
+    wrapped = GreenscopeMiddleware(GreenscopeMiddleware(app), commit_on_success=True)
+    result = wrapped({}, lambda *a: lambda data: None)
+    assert list(result) == [b"saved"]
+    result.close()  # type: ignore[attr-defined]
+    assert sqlite_db.count_rows() == 1
+    assert not Session.registry.has()
+    assert sqlite_db.checkedout() == 0
+
+
+def test_scopes_ending_out_of_order_commit_what_they_handed_out(
+    sqlite_db: CountingEngine,
+) -> None:
+    """Two generators' scopes in one greenlet: each commits its own writes; nothing stays out."""
+    Session = greenscope.scoped_session(sessionmaker(sqlite_db.engine))
+
+    def writer(name: str) -> Generator[None, None, None]:
+        with greenscope.session_scope(Session, commit=True) as s:
+            yield
+            s.execute(text("INSERT INTO items (owner) VALUES (:n)"), {"n": name})
+
+    first, second = writer("one"), writer("two")
+    next(first)
+    next(second)
+    for gen in (first, second):
+        for _ in gen:
+            pass
+    with sqlite_db.engine.connect() as conn:
+        owners = conn.execute(text("SELECT owner FROM items ORDER BY owner")).scalars().all()
+    assert owners == ["one", "two"]
+    assert sqlite_db.checkedout() == 0
+
+
+@pytest.mark.postgres
+def test_the_commit_point_commits_the_requests_sessions_not_the_iterating_greenlets(
+    pg_table: tuple[str, str],
+) -> None:
+    """A body iterated by another greenlet commits the request's write, never the other's."""
+    from sqlalchemy import create_engine  # noqa: PLC0415
+
+    url, table = pg_table
+    engine = create_engine(url)
+    Session = greenscope.scoped_session(sessionmaker(engine))
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        Session.execute(text(f"INSERT INTO {table} (owner) VALUES ('request')"))
+        start_response("200 OK", [])
+        return iter([b"ok"])
+
+    wrapped = GreenscopeMiddleware(app, commit_on_success=True)
+    result = gevent.spawn(wrapped, {}, lambda *a: lambda data: None).get()
+
+    def other() -> None:  # another unit of work, uncommitted, that sends the body
+        Session.execute(text(f"INSERT INTO {table} (owner) VALUES ('other')"))
+        list(result)
+        result.close()  # type: ignore[attr-defined]
+        Session.remove()
+
+    gevent.spawn(other).join()
+    assert greenscope.wait_reaped(10)
+    with engine.connect() as conn:
+        owners = conn.execute(text(f"SELECT owner FROM {table}")).scalars().all()
+    assert owners == ["request"]
+    engine.dispose()
+
+
+CUT_RACE = """
+from gevent import monkey; monkey.patch_all()
+import json, os, sys, time
+sys.path.insert(0, {tests!r})
+import gevent
+import sqlalchemy as sa
+from sqlalchemy import orm
+import greenscope
+from faultproxy import FaultProxy
+
+real_sleep = monkey.get_original("time", "sleep")
+main = monkey.get_original("_thread", "get_ident")()
+real_dup = os.dup
+def slow_dup(fd):  # widen the window between "still the job's" and the shutdown
+    if monkey.get_original("_thread", "get_ident")() != main:
+        real_sleep(0.3)
+    return real_dup(fd)
+os.dup = slow_dup
+
+greenscope.configure_cleanup(close_timeout=0.3)
+url = sa.engine.make_url({url!r})
+proxy = FaultProxy(url.host or "127.0.0.1", url.port or 5432)
+engine = sa.create_engine(proxy.url_for({url!r}), pool_size=1, max_overflow=0)
+S = greenscope.scoped_session(orm.sessionmaker(engine))
+
+def orphan():
+    S.execute(sa.text("SELECT 1"))
+    proxy.stall()  # its ROLLBACK hangs past the deadline
+
+def victim():  # another request, waiting for the pool's only connection
+    gevent.sleep(0.05)
+    try:
+        with engine.connect() as c:
+            c.execute(sa.text("SELECT pg_sleep(0.5)"))
+        return "ok"
+    except Exception as exc:
+        return "failed: " + str(exc).splitlines()[0]
+
+gevent.spawn(orphan).join()
+v = gevent.spawn(victim)
+gevent.sleep(0.4)  # the cut has begun; the peer comes back, the close completes
+proxy.resume()
+outcome = v.get()
+greenscope.wait_reaped(10)
+engine.dispose()
+proxy.close()
+print(json.dumps(outcome))
+"""
+
+
+@pytest.mark.postgres
+def test_a_cut_never_reaches_a_connection_back_in_the_pool() -> None:
+    """A close that completes while its cut is under way: the next user's query survives."""
+    assert run_scenario(CUT_RACE.format(tests=TESTS, url=pg_url()), timeout=60) == "ok"
+
+
+CLOSE_ALL_STALLED = """
+from gevent import monkey; monkey.patch_all()
+import json, sys, time
+sys.path.insert(0, {tests!r})
+import gevent
+import sqlalchemy as sa
+from sqlalchemy import orm
+import greenscope
+from faultproxy import FaultProxy
+
+greenscope.configure_cleanup(close_timeout=0.3)
+url = sa.engine.make_url({url!r})
+with FaultProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
+    engine = sa.create_engine(proxy.url_for({url!r}), pool_size=3, max_overflow=0)
+    registries = [greenscope.scoped_session(orm.sessionmaker(engine)) for _ in range(3)]
+    for S in registries:
+        S.execute(sa.text("SELECT 1"))  # three Sessions of this greenlet, in transactions
+    proxy.stall()
+    started = time.monotonic()
+    greenscope.close_all(shutdown=False)
+    took = time.monotonic() - started
+    stats = greenscope.stats()
+    engine.dispose()
+print(json.dumps({{"fast": took < 2.0, "timed_out": stats.timed_out, "live": stats.live}}))
+"""
+
+
+@pytest.mark.postgres
+def test_close_all_closes_the_callers_sessions_side_by_side_under_the_deadline() -> None:
+    """close_all() on a stalled database returns after about one close_timeout, not never."""
+    result = run_scenario(CLOSE_ALL_STALLED.format(tests=TESTS, url=pg_url()), timeout=60)
+    assert result == {"fast": True, "timed_out": 3, "live": 0}
