@@ -43,7 +43,7 @@ def end_thread_holding(registry: greenscope.GreenletRegistry[Any]) -> None:
 def test_a_queued_close_never_waits_behind_a_hung_one_in_the_reaper_threads() -> None:
     """With every reaper thread busy, a new close gets a new thread, not a wait in line."""
     previous = greenscope.configure_cleanup(close_timeout=30)
-    release, closed = threading.Event(), {}
+    release, closed = threading.Event(), dict[str, float]()
     values = iter([Blocking("hung", release, closed), Blocking("second", None, closed)])
     registry = greenscope.GreenletRegistry(lambda: next(values))
     try:
@@ -65,7 +65,7 @@ def test_a_queued_close_never_waits_behind_a_hung_one_in_the_reaper_threads() ->
 def test_reaper_threads_restart_once_stuck_closes_return() -> None:
     """At the cap of stuck threads the queue waits; a stuck close's return resumes it."""
     previous = greenscope.configure_cleanup(close_timeout=0.1, max_concurrent_closes=1)
-    release, closed = threading.Event(), {}
+    release, closed = threading.Event(), dict[str, float]()
     names = ["hung1", "hung2", "hung3", "hung4", "normal"]
     values = iter([Blocking(n, None if n == "normal" else release, closed) for n in names])
     registry = greenscope.GreenletRegistry(lambda: next(values))
@@ -262,7 +262,7 @@ def test_the_commit_point_commits_the_requests_sessions_not_the_iterating_greenl
     def other() -> None:  # another unit of work, uncommitted, that sends the body
         Session.execute(text(f"INSERT INTO {table} (owner) VALUES ('other')"))
         list(result)
-        result.close()  # type: ignore[attr-defined]
+        result.close()
         Session.remove()
 
     gevent.spawn(other).join()
