@@ -163,11 +163,15 @@ def configure_cleanup(
     new = _settings
     if close_timeout is not None:
         if isinstance(close_timeout, bool) or not isinstance(close_timeout, (int, float)):
-            raise TypeError(f"close_timeout must be a number of seconds; got {close_timeout!r}")
+            raise TypeError(
+                "greenscope.configure_cleanup(close_timeout=...) takes a number of seconds; "
+                f"got {close_timeout!r}"
+            )
         if not close_timeout > 0:
             raise ValueError(
-                f"close_timeout must be more than 0 seconds; got {close_timeout!r}. A close "
-                "with no deadline could hold its pool slot forever."
+                "greenscope.configure_cleanup(close_timeout=...) must be more than 0 "
+                f"seconds; got {close_timeout!r}. A close with no deadline could hold its "
+                "pool slot forever."
             )
         new = replace(new, close_timeout=float(close_timeout))
     if max_concurrent_closes is not None:
@@ -175,13 +179,17 @@ def configure_cleanup(
             raise TypeError(f"max_concurrent_closes must be an int; got {max_concurrent_closes!r}")
         if max_concurrent_closes < 1:
             raise ValueError(
-                f"max_concurrent_closes must be at least 1; got {max_concurrent_closes}"
+                "greenscope.configure_cleanup(max_concurrent_closes=...) must be at least 1; "
+                f"got {max_concurrent_closes}"
             )
         new = replace(new, max_concurrent_closes=max_concurrent_closes)
     if orphan_warnings_per_minute is not None:
         n = orphan_warnings_per_minute
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"orphan_warnings_per_minute must be an int >= 0; got {n!r}")
+            raise ValueError(
+                "greenscope.configure_cleanup(orphan_warnings_per_minute=...) takes an int "
+                f">= 0; got {n!r}"
+            )
         new = replace(new, orphan_warnings_per_minute=n)
     previous, _settings = _settings, new
     return previous

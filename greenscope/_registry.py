@@ -541,11 +541,12 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
     def _check_open(self) -> None:
         if self._shut_down:
             raise RuntimeError(
-                f"greenscope: {self!r} was shut down by greenscope.close_all() (worker or "
-                "process exit): a Session made now would never be closed, and would hold "
-                "its connection until the process ends. Finish database work before "
-                "calling close_all(); to go on using the registry (a test suite's "
-                "teardown), call greenscope.close_all(shutdown=False) instead."
+                "greenscope: a new Session was asked for after greenscope.close_all() shut "
+                "greenscope down (worker or process exit; this registry makes "
+                f"{self.createfunc!r}): it would never be closed, and would hold its "
+                "connection until the process ends. Finish database work before calling "
+                "close_all(); to go on using Sessions (a test suite's teardown), call "
+                "greenscope.close_all(shutdown=False) instead."
             )
 
     def _store(self, value: _T) -> None:

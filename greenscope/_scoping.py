@@ -51,6 +51,17 @@ class scoped_session(_sa_scoped_session[_S]):
         session_factory: sessionmaker[_S],
         scopefunc: Callable[[], Any] | None = None,
     ) -> None:
+        if not callable(session_factory):
+            raise TypeError(
+                "greenscope.scoped_session(session_factory) takes a sessionmaker (or any "
+                f"callable that returns a Session); got {session_factory!r}. For example: "
+                "scoped_session(sessionmaker(engine))"
+            )
+        if scopefunc is not None and not callable(scopefunc):
+            raise TypeError(
+                "greenscope.scoped_session(session_factory, scopefunc) takes a callable "
+                f"scopefunc, or none at all for one Session per greenlet; got {scopefunc!r}"
+            )
         if scopefunc:
             super().__init__(session_factory, scopefunc)
             self._greenscope_key: str | None = None
@@ -177,8 +188,8 @@ class session_scope(Generic[_S]):
     def __init__(self, session: _sa_scoped_session[_S], *, commit: bool = False) -> None:
         if not isinstance(session, _sa_scoped_session):
             raise TypeError(
-                "session_scope() takes a scoped_session (the object you call to get the "
-                f"current Session), not {type(session).__name__}"
+                "greenscope.session_scope(session) takes a scoped_session (the object you "
+                f"call to get the current Session), not {type(session).__name__}"
             )
         self._session = session
         self._commit = commit

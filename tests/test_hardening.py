@@ -93,11 +93,11 @@ def test_a_hung_close_in_a_reaper_thread_does_not_hold_up_the_next(short_deadlin
 
 def test_close_timeout_is_validated() -> None:
     """Bad settings are refused with the argument's name and what is allowed."""
-    with pytest.raises(ValueError, match="close_timeout must be more than 0"):
+    with pytest.raises(ValueError, match=r"configure_cleanup\(close_timeout=...\) must be more"):
         greenscope.configure_cleanup(close_timeout=0)
-    with pytest.raises(TypeError, match="close_timeout must be a number"):
+    with pytest.raises(TypeError, match=r"close_timeout=...\) takes a number"):
         greenscope.configure_cleanup(close_timeout="10")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="max_concurrent_closes must be at least 1"):
+    with pytest.raises(ValueError, match=r"max_concurrent_closes=...\) must be at least 1"):
         greenscope.configure_cleanup(max_concurrent_closes=0)
     assert greenscope.configure_cleanup() == greenscope.CleanupSettings()
 

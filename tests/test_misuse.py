@@ -162,10 +162,10 @@ def test_registry_refuses_new_sessions_after_close_all(Session: ScopedSession) -
     Session.execute(text("SELECT 1"))
     assert greenscope.close_all() == 1
     assert Session.registry.shut_down  # type: ignore[attr-defined]
-    with pytest.raises(RuntimeError, match=r"shut down by greenscope\.close_all\(\)") as info:
+    with pytest.raises(RuntimeError, match=r"close_all\(\) shut greenscope down") as info:
         Session.execute(text("SELECT 1"))
     assert "close_all(shutdown=False)" in str(info.value)
-    with pytest.raises(RuntimeError, match="shut down"):
+    with pytest.raises(RuntimeError, match="shut greenscope down"):
         Session(bind=None)  # the set() path: Session(**kw)
     Session.remove()  # nothing held: still fine
     assert greenscope.stats().live == 0
@@ -184,7 +184,7 @@ def test_registries_made_after_close_all_are_shut_down_too(sqlite_db: CountingEn
     """close_all() shuts greenscope down: a registry made afterwards refuses Sessions too."""
     greenscope.close_all()
     Session = greenscope.scoped_session(sessionmaker(sqlite_db.engine))
-    with pytest.raises(RuntimeError, match=r"shut down by greenscope\.close_all\(\)"):
+    with pytest.raises(RuntimeError, match=r"close_all\(\) shut greenscope down"):
         Session.execute(text("SELECT 1"))
     assert Session.registry.shut_down  # type: ignore[attr-defined]
     assert sqlite_db.checkedout() == 0
@@ -259,3 +259,10 @@ def test_gunicorn_worker_exit_leaves_registries_usable(Session: ScopedSession) -
     assert greenscope.stats().live == 0
     assert Session.execute(text("SELECT 2")).scalar_one() == 2
     Session.remove()
+
+
+@pytest.mark.parametrize("factory", [42, "sessionmaker"])
+def test_scoped_session_names_its_own_argument(factory: object) -> None:
+    """scoped_session(42) says what scoped_session takes, not an internal class's name."""
+    with pytest.raises(TypeError, match=r"greenscope\.scoped_session\(session_factory\) takes"):
+        greenscope.scoped_session(factory)  # type: ignore[arg-type]
