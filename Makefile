@@ -2,6 +2,7 @@
 #            newest Python with the newest SQLAlchemy and on Python 3.10 with SQLAlchemy 2.0.
 #            PostgreSQL tests run when GREENSCOPE_TEST_PG_URL is set.
 # make demo: the demo service under a real gunicorn, with and without greenscope.
+# make package: build the sdist and wheel, twine check, install the wheel in a clean venv.
 # make bench: benchmarks against SQLAlchemy's registries (a table, JSON and an SVG chart).
 # make soak: 50,000 requests with faults on PostgreSQL, then an audit (SOAK_ARGS=--quick:
 #            the reduced run CI makes; --control: the stock worker, which the audit must
@@ -21,7 +22,7 @@ VENV_SA20 := .venv-sa20
 PIP_FLAGS := --quiet --disable-pip-version-check
 VERSIONS := 'import sys, sqlalchemy, gevent; print("== Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "gevent", gevent.__version__)'
 
-.PHONY: test lint pytest pytest-sa20 demo bench soak soak-celery fuzz clean
+.PHONY: test lint pytest pytest-sa20 demo bench soak soak-celery fuzz package clean
 
 test: lint pytest pytest-sa20
 
@@ -62,5 +63,8 @@ soak: $(VENV)/.installed
 soak-celery: $(VENV)/.installed
 	$(VENV)/bin/python deploy/soak_celery.py $(SOAK_ARGS)
 
+package: $(VENV)/.installed
+	$(VENV)/bin/python .ci/check_package.py
+
 clean:
-	rm -rf $(VENV) $(VENV_SA20) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) $(VENV_SA20) .mypy_cache .ruff_cache .pytest_cache *.egg-info dist docs/_build

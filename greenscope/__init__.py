@@ -38,4 +38,4 @@ __all__ = [
     "wait_reaped",
 ]
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
