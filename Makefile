@@ -2,6 +2,8 @@
 #            newest Python with the newest SQLAlchemy and on Python 3.10 with SQLAlchemy 2.0.
 #            PostgreSQL tests run when GREENSCOPE_TEST_PG_URL is set.
 # make demo: the demo service under a real gunicorn, with and without greenscope.
+# make docs: the documentation site (Sphinx, Furo, MyST) into docs/_build/html; warnings
+#            are errors (tests/test_docs.py builds it too).
 # make package: build the sdist and wheel, twine check, install the wheel in a clean venv.
 # make bench: benchmarks against SQLAlchemy's registries (a table, JSON and an SVG chart).
 # make soak: 50,000 requests with faults on PostgreSQL, then an audit (SOAK_ARGS=--quick:
@@ -22,14 +24,14 @@ VENV_SA20 := .venv-sa20
 PIP_FLAGS := --quiet --disable-pip-version-check
 VERSIONS := 'import sys, sqlalchemy, gevent; print("== Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "gevent", gevent.__version__)'
 
-.PHONY: test lint pytest pytest-sa20 demo bench soak soak-celery fuzz package clean
+.PHONY: test lint pytest pytest-sa20 demo bench soak soak-celery fuzz package docs clean
 
 test: lint pytest pytest-sa20
 
 $(VENV)/.installed: pyproject.toml
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install $(PIP_FLAGS) -e '.[test]'
+	$(VENV)/bin/python -m pip install $(PIP_FLAGS) -e '.[test,docs]'
 	touch $@
 
 $(VENV_SA20)/.installed: pyproject.toml
@@ -62,6 +64,9 @@ soak: $(VENV)/.installed
 
 soak-celery: $(VENV)/.installed
 	$(VENV)/bin/python deploy/soak_celery.py $(SOAK_ARGS)
+
+docs: $(VENV)/.installed
+	$(VENV)/bin/python -m sphinx -W --keep-going -n -b html docs docs/_build/html
 
 package: $(VENV)/.installed
 	$(VENV)/bin/python .ci/check_package.py

@@ -173,7 +173,8 @@ def guard_engine(engine: Any, *, enabled: bool = True) -> Engine:
     own (``pool_reset_on_return``), unchanged. Idempotent. Every engine greenscope
     knows is guarded automatically (those behind its registries, ``greenscope.flask``'s,
     and :func:`greenscope.register_engine`'s); ``enabled=False`` removes the guard and
-    keeps greenscope from adding it again. See the guarantees in the README.
+    keeps greenscope from adding it again. See the guarantees in the documentation
+    (``docs/guarantees.md``).
 
     .. versionadded:: 0.2
     """

@@ -112,8 +112,9 @@ class _ContainerRegistry(GreenletRegistry[AppContextSessions]):
 class AppContextRegistry(ScopedRegistry[Session]):
     """SQLAlchemy's registry protocol keyed on (current greenlet, current app context).
 
-    Per greenlet the Sessions live in a :class:`GreenletRegistry` value, so a greenlet's
-    Sessions are closed when it ends; within it, the app context is checked by identity,
+    Per greenlet the Sessions live in a :class:`~greenscope.GreenletRegistry` value, so a
+    greenlet's Sessions are closed when it ends; within it, the app context is checked by
+    identity,
     so a context reusing a dead one's ``id()`` gets a new Session (the dead one's is
     closed on the spot).
     """

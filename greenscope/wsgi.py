@@ -128,6 +128,7 @@ class _Request:
         "closed_elsewhere",
         "commit",
         "committed",
+        "did_commit",
         "failed",
         "finished",
         "nested",
@@ -142,6 +143,7 @@ class _Request:
         self.status: int | None = None
         self.failed = False
         self.committed = False  # the commit point has passed (committed or not)
+        self.did_commit = False  # ...and the request's Sessions were committed there
         self.finished = False
         self.closed_elsewhere = False
         self.wrote = False  # the app used the write() callable
@@ -190,6 +192,7 @@ class _Request:
             except BaseException:
                 self.failed = True
                 raise
+            self.did_commit = True
 
     def finish(self) -> None:
         """Remove the request's Sessions. In the request's greenlet only; idempotent."""
@@ -197,7 +200,7 @@ class _Request:
             return
         d = getcurrent().__dict__
         try:
-            if self.commit and self.committed:
+            if self.did_commit:
                 self._report_late_writes()
         finally:
             if not self.finished:

@@ -1,4 +1,4 @@
-"""The README's quickstart runs as written."""
+"""The README's quickstart and doctor reports are what the code prints."""
 
 from __future__ import annotations
 
@@ -10,10 +10,19 @@ from pathlib import Path
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+def _any_address(text: str) -> str:
+    """Object addresses (``at 0x7f...``) change from run to run."""
+    return re.sub(r"0x[0-9a-f]+", "0x...", text)
+
+
 def test_quickstart_runs_as_written(tmp_path: Path) -> None:
-    """The first Python block of the README runs cleanly (warnings are errors) in a new process."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    """The README's first Python block runs cleanly (warnings are errors) and prints that."""
+    readme = README.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
     assert blocks, "the README has a python quickstart block"
+    # The first ```text block after it, with no other block in between.
+    shown = re.search(r"```python\n.*?```\n(?:(?!```).)*```text\n(.*?)```", readme, re.DOTALL)
+    assert shown, "the quickstart is followed by a ```text block of what it prints"
     proc = subprocess.run(
         [sys.executable, "-W", "error", "-c", blocks[0]],
         cwd=tmp_path,
@@ -24,6 +33,7 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
+    assert _any_address(proc.stdout) == _any_address(shown.group(1))
     assert (tmp_path / "quickstart.db").exists()
 
 
