@@ -645,3 +645,18 @@ def test_a_forked_flask_worker_never_uses_the_parents_connection() -> None:
         "shared": False,
         "parent_kept": True,
     }
+
+
+def test_a_server_error_logs_no_late_write_warning(
+    Session: Scoped, sqlite_db: CountingEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 5xx is rolled back quietly: nothing was committed, so no write was "late"."""
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        insert(Session, "x")
+        start_response("500 Internal Server Error", [])
+        return [b"error"]
+
+    _serve(GreenscopeMiddleware(app, commit_on_success=True))
+    assert sqlite_db.count_rows() == 0
+    assert "after the request was committed" not in caplog.text
