@@ -29,6 +29,7 @@ VERSIONS := 'import sys, sqlalchemy, gevent; print("== Python", sys.version.spli
 test: lint pytest pytest-sa20
 
 $(VENV)/.installed: pyproject.toml
+	@echo "== building $(VENV): installing greenscope and its test tools (about 30 s, once; again after pyproject.toml changes)"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install $(PIP_FLAGS) -e '.[test,docs]'
