@@ -9,6 +9,8 @@
 # make soak: 50,000 requests with faults on PostgreSQL, then an audit (SOAK_ARGS=--quick:
 #            the reduced run CI makes; --control: the stock worker, which the audit must
 #            fail). DATABASE_URL selects the database.
+# make fuzz: the model-based test of registries and cleanup, 500 random runs (CI runs 30
+#            with a fixed seed as part of make test).
 # make soak-celery: a real `celery worker -P gevent -c 50` under faults, then an audit
 #            (SOAK_ARGS=--quick, --control, --broker redis; AMQP_URL, REDIS_URL).
 
@@ -62,6 +64,10 @@ bench: $(VENV)/.installed
 
 soak: $(VENV)/.installed
 	$(VENV)/bin/python deploy/soak.py $(SOAK_ARGS)
+
+fuzz: $(VENV)/.installed
+	GREENSCOPE_MODEL_EXAMPLES=$${GREENSCOPE_MODEL_EXAMPLES:-500} GREENSCOPE_MODEL_RANDOM=1 \
+		$(VENV)/bin/python -m pytest tests/test_model.py -p no:cacheprovider -q --timeout 3600
 
 soak-celery: $(VENV)/.installed
 	$(VENV)/bin/python deploy/soak_celery.py $(SOAK_ARGS)

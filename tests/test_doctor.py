@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from conftest import run_scenario
+from conftest import pg_url, run_scenario
 
 TESTS = Path(__file__).resolve().parent
 HEALTHY = "doctor_apps.healthy:app"
@@ -178,6 +178,7 @@ ALL_OK = {
     "psycopg2-wait-callback": "ok",
     "sqlite-blocking": "ok",
     "pool-size": "ok",
+    "max-connections": "info",  # not checked without --connect
     "engine-guard": "ok",
     "gc": "info",
     "stock-scoped-session": "ok",
@@ -297,7 +298,9 @@ def test_sqlite_file_warns_and_strict_fails(doctor: Doctor) -> None:
     text = config(worker_connections=100)
     run = doctor(*args, config=text)
     assert run.status == 0, run.stderr
-    assert run.worst() == {**ALL_OK, "sqlite-blocking": "warning"}
+    expected = {**ALL_OK, "sqlite-blocking": "warning"}
+    del expected["max-connections"]  # SQLite has no server to count connections against
+    assert run.worst() == expected
     strict = doctor(*args, "--strict", config=text)
     assert strict.status == 1, strict.stderr
     assert strict.report["exit_status"] == 1
@@ -566,12 +569,12 @@ def test_sync_worker_is_not_patched(doctor: Doctor) -> None:
 def test_no_config_assumes_greenscope_worker() -> None:
     """python -m greenscope without a config or worker class: greenscope's worker assumed."""
     run = python_m_greenscope("doctor", "--app", HEALTHY, "--json")
-    assert run.status == 0, run.stderr
+    assert run.status == 1, run.stderr  # gunicorn's default worker_connections: pool too small
     inspected = run.report["inspected"]
     assert inspected["worker_class_assumed"] is True
     assert inspected["worker_class"] == OUR_WORKER
     assert inspected["order"] == "patch-then-app"
-    assert run.worst() == {**ALL_OK, "pool-size": "info", "request-end-removal": "info"}
+    assert run.worst() == {**ALL_OK, "pool-size": "error", "request-end-removal": "info"}
 
 
 def test_app_from_wsgi_app_setting_and_factory(doctor: Doctor) -> None:
@@ -583,15 +586,19 @@ def test_app_from_wsgi_app_setting_and_factory(doctor: Doctor) -> None:
 
 
 def test_app_that_fails_to_import() -> None:
-    """An app whose import raises: exit 2, the traceback and a clear message, no report."""
+    """An app whose import raises: exit 2, one line with its message, the traceback on request."""
     run = python_m_greenscope("doctor", "--app", "doctor_apps.broken:app")
     assert run.status == 2
     assert run.stdout == ""
-    assert "Traceback" in run.stderr
-    assert "the app's settings are missing DATABASE_URL" in run.stderr
-    last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("greenscope doctor: error: cannot import the app")
-    assert "nothing was checked" in last
+    [line] = run.stderr.splitlines()
+    assert line.startswith("greenscope doctor: error: cannot import the app")
+    assert "the app's settings are missing DATABASE_URL" in line
+    assert "nothing was checked" in line
+    assert "--traceback" in line
+    shown = python_m_greenscope("doctor", "--app", "doctor_apps.broken:app", "--traceback")
+    assert shown.status == 2
+    assert "Traceback" in shown.stderr
+    assert shown.stderr.strip().splitlines()[-1] == line
 
 
 @pytest.mark.parametrize(
@@ -808,7 +815,284 @@ def test_celery_and_gunicorn_options_do_not_mix() -> None:
     """--celery with --app, or --pool without --celery: one line, exit 2."""
     run = celery_doctor("--celery", "x:app", "--app", "y:app")
     assert run.status == 2
-    assert run.stderr.strip().endswith("not with --app, -c or -k")
+    assert run.stderr.strip().endswith("not with APP, --app, -c, -k or -w")
     run = celery_doctor("--pool", "gevent", "--app", "y:app")
     assert run.status == 2
     assert "go with --celery" in run.stderr
+
+
+# -- the framework ---------------------------------------------------------------------
+
+
+def test_every_check_is_registered_once_in_report_order() -> None:
+    """Each id of CHECKS has one registered check, run in CHECKS order, tagged by family."""
+    from greenscope.doctor import CHECKS, _framework  # noqa: PLC0415 - no patching here
+
+    registered = _framework._registered()
+    assert [check.id for check in registered] == list(CHECKS)
+    families = {check.tag: check.func.__module__ for check in registered}
+    assert families == {
+        "gevent": "greenscope.doctor._gevent",
+        "pools": "greenscope.doctor._pools",
+        "registries": "greenscope.doctor._registries",
+        "servers": "greenscope.doctor._servers",
+        "celery": "greenscope.doctor._celery",
+    }
+    with pytest.raises(ValueError, match="add it to CHECKS"):
+        _framework.register("no-such-check", tag="pools")
+
+
+def test_the_doctor_never_imports_greenscope_gunicorn() -> None:
+    """No import circle: greenscope's hooks are known without importing greenscope.gunicorn."""
+    result = run_scenario(
+        """
+        import json, sys
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import sessionmaker
+        import greenscope
+        from greenscope.doctor import diagnose
+
+        Session = greenscope.scoped_session(sessionmaker(create_engine("sqlite://")))
+
+        def composed(worker, req, environ, resp):
+            greenscope.remove_current()
+
+        def marked(worker, req, environ, resp):
+            pass
+        marked.__greenscope_hook__ = "post_request"  # the marker greenscope's hooks may carry
+
+        def own(worker, req, environ, resp):
+            pass
+
+        severities = [
+            [f.severity for f in diagnose(worker_class="gevent", post_request=hook)
+             if f.check == "request-end-removal"]
+            for hook in (composed, marked, own)
+        ]
+        print(json.dumps([severities, "greenscope.gunicorn" in sys.modules]))
+        """
+    )
+    assert result == [[["ok"], ["ok"], ["info"]], False]
+
+
+# -- defects: each test failed before its fix ------------------------------------------
+
+
+def test_no_config_judges_gunicorn_defaults(doctor: Doctor) -> None:
+    """No config, no -k: gunicorn's defaults are judged (pool-size errs) and the header says so."""
+    run = doctor("--app", HEALTHY)
+    assert run.status == 1, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[2].startswith("  config  none, no --worker-class: greenscope's worker")
+    assert lines[3] == (
+        f"  worker  {OUR_WORKER} (assumed), worker_connections 1000, timeout 30 s, workers 1"
+    )
+    assert [line.split()[1] for line in lines if line.startswith("ERROR")] == ["pool-size"]
+    assert "unknown" not in run.stdout
+    gevent = doctor("--app", HEALTHY, "-k", "gevent", "--json")  # a worker class, still no config
+    assert gevent.report["inspected"]["worker_connections"] == 1000
+    assert gevent.severities("pool-size") == ["error"]
+
+
+def test_app_given_positionally_as_gunicorn_takes_it(doctor: Doctor) -> None:
+    """`doctor APP` works as --app does; the same app twice is fine, two different apps are not."""
+    text = config(worker_connections=100)
+    run = doctor(HEALTHY, "--json", config=text)
+    assert run.status == 0, run.stderr
+    assert run.report["inspected"]["app"] == HEALTHY
+    same = doctor(HEALTHY, "--app", HEALTHY, "--json", config=text)
+    assert same.status == 0, same.stderr
+    clash = doctor(HEALTHY, "--app", "doctor_apps.middleware:app", config=text)
+    assert clash.status == 2
+    [line] = clash.stderr.splitlines()
+    assert "given twice" in line
+    assert "doctor_apps.middleware:app" in line
+
+
+GREENSCOPE = [sys.executable, "-W", "error", "-m", "greenscope"]
+HEALTHY_WORKER = ["-k", OUR_WORKER, "--worker-connections", "100"]  # HEALTHY exits 0 with it
+
+NO_GEVENT = """
+import sys
+sys.modules["gevent"] = None  # as in a venv without gevent: `import gevent` raises ImportError
+from greenscope.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_advice_without_gevent_names_the_wsgi_middleware() -> None:
+    """Without gevent a sync worker is told to use the WSGI middleware, not greenscope.gunicorn."""
+    argv = ["doctor", "-k", "sync", "--app", HEALTHY, "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-c", NO_GEVENT, *argv],
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    run = Run(proc.returncode, proc.stdout, proc.stderr)
+    assert run.status == 0, run.stderr
+    [finding] = [f for f in run.report["findings"] if f["check"] == "request-end-removal"]
+    assert finding["severity"] == "warning"
+    assert "greenscope.wsgi.GreenscopeMiddleware" in finding["fix"]
+    # greenscope.gunicorn imports gevent: advice to use it would stop gunicorn from starting.
+    advice = " ".join(f["fix"] for f in run.report["findings"])
+    assert "from greenscope.gunicorn import" not in advice
+    assert "-k greenscope.gunicorn" not in advice
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--app", "nosuchmod:app"), "Run the doctor where 'nosuchmod' can be imported"),
+        (
+            ("--app", HEALTHY, "-k", "nosuch.Worker"),
+            "No module named 'nosuch' (ModuleNotFoundError)",
+        ),
+        (("--app", "doctor_apps.broken:app"), "missing DATABASE_URL (RuntimeError)"),
+    ],
+    ids=["no-module", "no-worker-class", "app-raises"],
+)
+def test_expected_failures_print_one_line(
+    args: tuple[str, ...], message: str, doctor: Doctor
+) -> None:
+    """An app or worker class that fails to load: one line on what to do; --traceback adds more."""
+    run = doctor(*args)
+    assert run.status == 2
+    [line] = run.stderr.splitlines()
+    assert line.startswith("greenscope doctor: error: ")
+    assert message in line
+    assert "RuntimeError('" not in line  # gunicorn's wrapper, whose message is a traceback
+    shown = doctor(*args, "--traceback")
+    assert shown.status == 2
+    assert shown.stderr.startswith("Traceback (most recent call last):")
+    assert shown.stderr.splitlines()[-1] == line
+
+
+def test_closed_stdout_ends_quietly() -> None:
+    """A reader gone before the report (`| head`): exit 1, no BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # closed before the doctor writes: every write to stdout fails (EPIPE)
+    try:
+        proc = subprocess.run(
+            [*GREENSCOPE, "doctor", "--app", HEALTHY, "--json", *HEALTHY_WORKER],
+            cwd=TESTS,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert proc.stderr == ""
+    assert proc.returncode == 1
+
+
+def test_max_connections_not_checked_without_connect(doctor: Doctor) -> None:
+    """Without --connect: workers x (P + M) is counted, and an info says how to check it."""
+    run = doctor("--app", HEALTHY, "--json", config=config(worker_connections=100, workers=3))
+    assert run.status == 0, run.stderr
+    assert run.report["inspected"]["workers"] == 3
+    [finding] = [f for f in run.report["findings"] if f["check"] == "max-connections"]
+    assert finding["severity"] == "info"
+    assert "3 workers x 100 connections" in finding["message"]
+    assert "= 300" in finding["message"]
+    assert "`--connect`" in finding["message"]
+    assert "SHOW max_connections" in finding["message"]
+    flag = doctor(
+        "--app", HEALTHY, "-w", "2", "--json", config=config(worker_connections=100, workers=3)
+    )
+    assert flag.report["inspected"]["workers"] == 2  # the flag beats the config, as in gunicorn
+    assert (
+        doctor("--app", HEALTHY, "--json").report["inspected"]["workers"] == 1
+    )  # gunicorn's default
+
+
+def test_max_connections_unreachable_database_is_an_info(doctor: Doctor) -> None:
+    """--connect to a database that cannot be reached: an info naming why, never a failure."""
+    run = doctor(
+        "--app",
+        "doctor_apps.sized_pool:app",
+        "--connect",
+        "--json",
+        config=config(worker_connections=50),
+        DOCTOR_DB_URL="postgresql+psycopg://app@db.invalid/app",
+    )
+    assert run.status == 0, run.stderr
+    [finding] = [f for f in run.report["findings"] if f["check"] == "max-connections"]
+    assert finding["severity"] == "info"
+    assert "could not ask the server" in finding["message"]
+    assert "db.invalid" in finding["message"]
+
+
+def _pg_limits(url: str) -> tuple[int, int]:
+    """(max_connections, connections reserved for superusers) of the test server."""
+    from sqlalchemy import create_engine, text  # noqa: PLC0415 - only the PostgreSQL tests
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            limit = int(conn.execute(text("SHOW max_connections")).scalar_one())
+            reserved = int(conn.execute(text("SHOW superuser_reserved_connections")).scalar_one())
+            extra = conn.execute(text("SELECT current_setting('reserved_connections', true)"))
+            reserved += int(extra.scalar_one() or 0)
+    finally:
+        engine.dispose()
+    return limit, reserved
+
+
+def test_max_connections_asked_from_postgres(doctor: Doctor) -> None:
+    """--connect: below the usable limit ok, reaching max_connections warns, beyond it errs."""
+    url = pg_url()
+    limit, reserved = _pg_limits(url)
+    cases = [  # (workers, pool_size): workers x pool_size against the server's limits
+        (1, limit - reserved - 1, "ok"),
+        (2, limit // 2, "warning"),  # our own test setup: 2 x 50 against 100
+        (1, limit - reserved, "warning"),
+        (3, limit // 2, "error"),
+    ]
+    for workers, pool_size, expected in cases:
+        run = doctor(
+            "--app",
+            "doctor_apps.sized_pool:app",
+            "--connect",
+            "-w",
+            str(workers),
+            "--json",
+            config=config(worker_connections=pool_size),
+            DOCTOR_DB_URL=url,
+            POOL_SIZE=str(pool_size),
+            MAX_OVERFLOW="0",
+        )
+        [finding] = [f for f in run.report["findings"] if f["check"] == "max-connections"]
+        assert finding["severity"] == expected, (workers, pool_size, finding)
+        assert f"max_connections {limit}" in finding["message"]
+        assert run.status == (1 if expected == "error" else 0), run.stderr
+
+
+def test_async_engine_is_labelled_and_advised_as_async(scenario: Scenario) -> None:
+    """An AsyncEngine's pool: named "async engine", create_async_engine advice, the gevent note."""
+    result = scenario(
+        """
+        import json
+        from gevent import monkey
+        monkey.patch_all()
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from greenscope.doctor import diagnose
+
+        engine = create_async_engine(
+            "postgresql+psycopg://app@db.invalid/app", pool_size=5, max_overflow=5
+        )
+        found = diagnose(worker_class="gevent", worker_connections=100)
+        print(json.dumps([
+            [f.severity, f.message, f.fix] for f in found if f.check == "pool-size"
+        ]))
+        """
+    )
+    [[severity, message, fix]] = result
+    assert severity == "error"
+    assert message.startswith("async engine postgresql+psycopg://app@db.invalid/app:")
+    assert "asyncio event loop" in message
+    assert fix.startswith("`create_async_engine(..., pool_size=P, max_overflow=M)`")
