@@ -233,7 +233,9 @@ class _Pending:
 
     Plain int updates: exact under the GIL (an ``int`` attribute increment cannot be
     interrupted by a thread switch or a GC pass); approximate on free-threaded builds.
-    A job cut at its deadline stops counting: nobody waits for it any more.
+    A job cut at its deadline in a reaper thread stops counting: nobody waits for it any
+    more. One cut in a hub counts until the hub has interrupted it and it has counted
+    its failure (a loop callback away).
     """
 
     __slots__ = ("count",)
@@ -273,7 +275,7 @@ class _Running:
 
     __slots__ = ("deadline", "job", "on_cut", "state")
 
-    def __init__(self, job: Job, deadline: float, on_cut: Callable[[_Running], None]) -> None:
+    def __init__(self, job: Job, deadline: float, on_cut: Callable[[_Running], bool]) -> None:
         self.job = job
         self.deadline = deadline
         self.on_cut = on_cut
@@ -300,6 +302,9 @@ class _Watchdog:
         self.started = False
         self.periodic: list[Callable[[], None]] = []
         self.sleep_until = 0.0
+        # Cut jobs of live hubs that still count as pending until the hub has thrown
+        # into them (see _cut): entry -> its hub. Guarded by ``lock``.
+        self.settling: dict[_Running, Any] = {}
 
     def ensure_started(self) -> None:
         if self.started:
@@ -309,7 +314,7 @@ class _Watchdog:
                 _start_new_thread(self._run, ())
                 self.started = True
 
-    def start(self, job: Job, on_cut: Callable[[_Running], None]) -> _Running:
+    def start(self, job: Job, on_cut: Callable[[_Running], bool]) -> _Running:
         entry = _Running(job, time.monotonic() + _settings.close_timeout, on_cut)
         with self.lock:
             self.running.add(entry)
@@ -333,6 +338,24 @@ class _Watchdog:
             entry.state = "done"
             return True
 
+    def settled(self, entry: _Running) -> None:
+        """A cut hub job has been interrupted and counted: it stops counting as pending.
+
+        Called from the hub's loop callback, or from the sweep when the hub was destroyed
+        before the callback ran; whichever comes first. The lock is held for a few
+        dict operations and never across a switch, so the hub cannot wait on itself.
+        """
+        with self.lock:
+            if self.settling.pop(entry, None) is None:
+                return
+        _pending.count -= 1
+
+    def _settle_destroyed(self) -> None:
+        with self.lock:
+            gone = [e for e, hub in self.settling.items() if not _loop_alive(hub)]
+        for entry in gone:
+            self.settled(entry)
+
     def _run(self) -> None:
         next_sweep = time.monotonic() + _SWEEP_INTERVAL
         while True:
@@ -354,6 +377,7 @@ class _Watchdog:
             _thread_reaper.staff()
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_INTERVAL
+                self._settle_destroyed()
                 for task in list(self.periodic):
                     try:
                         task()
@@ -363,22 +387,28 @@ class _Watchdog:
 
     @staticmethod
     def _cut(entry: _Running) -> None:
-        _pending.count -= 1  # nobody waits for a cut job any more
         try:
             entry.job.cut()
         except Exception:  # pragma: no cover - defensive
             logger.exception("greenscope: cutting a hung close failed")
+        settles_later = False
         try:
-            entry.on_cut(entry)
+            # True: the job will be interrupted where it runs (a hub), and the pending
+            # count drops once it has counted its failure, so that wait_idle() returning
+            # True means the counters are settled. False: it may never return (a thread
+            # blocked in a driver call): nobody waits for it any more.
+            settles_later = entry.on_cut(entry)
         except Exception:  # pragma: no cover - defensive
             logger.exception("greenscope: releasing a hung close's slot failed")
+        if not settles_later:
+            _pending.count -= 1
 
 
 _SWEEP_INTERVAL = 1.0
 _watchdog = _Watchdog()
 
 
-def _run_job(job: Job, on_cut: Callable[[_Running], None]) -> bool:
+def _run_job(job: Job, on_cut: Callable[[_Running], bool]) -> bool:
     """Run ``job`` under the watchdog; True if it finished before its deadline.
 
     Jobs log and count their own failures and do not raise; this is the last line of
@@ -447,8 +477,13 @@ class _HubReaper:
         me = greenlet.getcurrent()
         holds_slot = True
 
-        def on_cut(entry: _Running) -> None:  # the watchdog thread
-            self.hub.loop.run_callback_threadsafe(self._after_cut, me)
+        def on_cut(entry: _Running) -> bool:  # the watchdog thread
+            if not _loop_alive(self.hub):
+                return False  # nothing will run _after_cut: stop counting it now
+            with _watchdog.lock:
+                _watchdog.settling[entry] = self.hub
+            self.hub.loop.run_callback_threadsafe(self._after_cut, me, entry)
+            return True
 
         try:
             while self.jobs:
@@ -461,13 +496,18 @@ class _HubReaper:
             if self.jobs and _loop_alive(self.hub):  # killed mid-drain, or a late submit
                 self.hub.loop.run_callback(self._fill)
 
-    def _after_cut(self, worker: greenlet.greenlet) -> None:  # in the hub
+    def _after_cut(self, worker: greenlet.greenlet, entry: _Running) -> None:  # in the hub
         self.running -= 1
-        if not worker.dead:
-            # Blocked on something the socket shutdown did not wake (or not yet): stop it.
-            # Thrown from a loop callback, as gevent's own kill() does.
-            worker.throw(CloseDeadline())
-        self._fill()
+        try:
+            if not worker.dead:
+                # Blocked on something the socket shutdown did not wake (or not yet): stop
+                # it. Thrown from a loop callback, as gevent's own kill() does; throw()
+                # returns once the close has failed, been counted and its greenlet ended
+                # (or blocked again, in which case it counts whenever it ends).
+                worker.throw(CloseDeadline())
+        finally:
+            _watchdog.settled(entry)
+            self._fill()
 
 
 # Every hub reaper, so the watchdog can rescue the jobs of a destroyed hub.
@@ -561,11 +601,12 @@ class _ThreadReaper:
         ):
             self._grow()
 
-    def _on_cut(self, entry: _Running) -> None:  # the watchdog thread
+    def _on_cut(self, entry: _Running) -> bool:  # the watchdog thread
         with self.lock:
             self.workers -= 1
             self.stuck += 1
         self._grow()  # a replacement takes over the queue at once
+        return False  # a thread cannot be interrupted: nobody waits for it any more
 
     def _run(self) -> None:
         while True:
@@ -869,7 +910,7 @@ def run_here(job: Job) -> None:
     shuts its sockets down, which makes a blocked close fail). Re-raises what it raises."""
     _pending.count += 1
     generation = _generation.n
-    entry = _watchdog.start(job, lambda entry: None)
+    entry = _watchdog.start(job, lambda entry: False)  # the caller sees it fail
     try:
         job()
     finally:

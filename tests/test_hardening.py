@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,10 @@ class Closable:
 
     def __init__(self, name: str, release: Any, closed: list[str]) -> None:
         self.name, self.release, self.closed = name, release, closed
+        self.entered = False
 
     def close(self) -> None:
+        self.entered = True
         if self.release is not None:
             self.release.wait()
         self.closed.append(self.name)
@@ -70,6 +73,59 @@ def test_a_hung_orphan_close_does_not_hold_up_the_next_in_its_hub(short_deadline
     stats = registry.stats()
     assert (stats.reaped, stats.timed_out, stats.failed, stats.live) == (2, 1, 1, 0)
     assert closed == ["next"], "the hung close was interrupted, not completed"
+
+
+def test_wait_reaped_waits_for_a_hub_close_cut_at_its_deadline_to_count(
+    short_deadline: None,
+) -> None:
+    """A close cut in a hub is pending until it has counted its failure, not just cut."""
+    value = Closable("hung", gevent.event.Event(), [])  # never released
+    registry = greenscope.GreenletRegistry(lambda: value)
+    gevent.spawn(registry).join()
+    with gevent.Timeout(5):
+        while not value.entered:  # its close runs in the hub's reaper, and blocks
+            gevent.sleep(0.001)
+    deadline = time.monotonic() + 5
+    while registry.stats().timed_out == 0:  # the watchdog thread cuts it; the hub must
+        assert time.monotonic() < deadline  # not run meanwhile, so no gevent.sleep here
+        time.sleep(0.01)
+    assert registry.stats().failed == 0, "the hub cannot have run the interruption yet"
+    assert _cleanup.pending() == 1, "a cut hub close stopped counting before it settled"
+    assert greenscope.wait_reaped(5)
+    stats = registry.stats()
+    assert (stats.reaped, stats.timed_out, stats.failed, stats.live) == (1, 1, 1, 0)
+
+
+def test_a_hub_destroyed_before_it_interrupts_a_cut_close_does_not_hold_up_the_wait(
+    short_deadline: None,
+) -> None:
+    """A cut hub close whose hub is destroyed first stops counting: wait_reaped returns."""
+    value = Closable("hung", gevent.event.Event(), [])
+    registry = greenscope.GreenletRegistry(lambda: value)
+    errors: list[BaseException] = []
+
+    def thread() -> None:
+        try:
+            gevent.spawn(registry).join()  # this thread's hub runs the close, which blocks
+            with gevent.Timeout(5):
+                while not value.entered:
+                    gevent.sleep(0.001)
+            deadline = time.monotonic() + 5
+            while registry.stats().timed_out == 0:  # cut by the watchdog; the hub idles
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            hub = _cleanup.hub_if_exists()
+            assert hub is not None
+            hub.destroy(destroy_loop=True)  # before it ran the interruption
+        except BaseException as exc:  # reported by the test, not by threading
+            errors.append(exc)
+
+    t = threading.Thread(target=thread, daemon=True)
+    t.start()
+    t.join(10)
+    assert not errors, errors
+    assert greenscope.wait_reaped(5), "a destroyed hub's cut close is waited for forever"
+    assert registry.stats().timed_out == 1
 
 
 def test_a_hung_close_in_a_reaper_thread_does_not_hold_up_the_next(short_deadline: None) -> None:
