@@ -127,11 +127,33 @@ class scoped_session(_sa_scoped_session[_S]):
             self.registry.clear()
 
 
+def _claims(session: Session) -> list[_Entry]:
+    """The open ``session_scope`` entries that handed ``session`` out, oldest first.
+
+    Kept on the Session itself (a plain attribute: ``Session`` has a ``__dict__``), so
+    that every ``session_scope`` object over one registry sees the same claims. An entry
+    adds itself at ``__enter__`` and takes itself off at its exit, whichever greenlet runs
+    it; an entry never exited (a generator kept alive, never finalized) keeps its claim,
+    and with it the Session, until the generator goes.
+    """
+    claims: list[_Entry] | None = session.__dict__.get("_greenscope_claims")
+    if claims is None:
+        claims = session.__dict__["_greenscope_claims"] = []
+    return claims
+
+
+def _has_work(session: Session) -> bool:
+    """Whether ``close()`` would do anything: a transaction, or objects to expunge."""
+    return session.in_transaction() or bool(session.identity_map) or bool(session.new)
+
+
 class _Entry:
     """One entry into a :class:`session_scope`: what its exit needs, whoever runs it.
 
     ``frame`` is the frame that ran the ``with`` statement: the same frame runs the exit,
-    even when a generator holding the block is finalized by another greenlet.
+    even when a generator holding the block is finalized by another greenlet. ``owned``
+    means this entry is responsible for removal: it made the Session (the registry held
+    none), or an owned entry that exited first passed the responsibility on to it.
     """
 
     __slots__ = ("frame", "owned", "owner", "session")
@@ -161,15 +183,23 @@ class session_scope(Generic[_S]):
     commit, not a vote, so an outer block's pending work is committed with it. Use it
     on the outermost unit of work when the whole must be atomic.
 
-    An exit acts only on what its own entry opened. One object may be entered by many
-    greenlets at once, or nested; each entry is matched to its exit by the frame of its
-    ``with`` statement, and commits and closes the Session that entry handed out, even
-    when scopes of one greenlet end out of order (two generators). An exit that runs in
-    another greenlet than its entry (a generator holding the block, abandoned by its
-    greenlet and finalized by another, or by the garbage collector) neither commits nor
-    closes: the Session belongs to the
-    entry's greenlet, which may still be using it; it is left to that greenlet's
-    removal, or to orphan cleanup when that greenlet ends.
+    What an exit does, in the greenlet that entered:
+
+    * ``commit=True`` and no exception: it commits the ``Session`` its entry handed out,
+      and the registry's current one when that is another that no open scope handed out
+      (the block called ``remove()`` and went on with a new ``Session``).
+    * An entry that made its ``Session`` then removes the registry's current ``Session``
+      and closes the one it handed out if that was replaced meanwhile, so nothing made
+      inside the block outlives it: the next task on a thread-pool worker starts clean.
+      A ``Session`` that another scope of this greenlet, still open, handed out is never
+      closed: that scope takes over its removal (two generators ending out of order).
+      Nothing is closed twice: a ``Session`` the block already removed is left alone.
+
+    An exit that runs in another greenlet than its entry (a generator holding the block,
+    abandoned by its greenlet and finalized by another, or by the garbage collector)
+    neither commits nor closes: the Session belongs to the entry's greenlet, which may
+    still be using it; it is left to that greenlet's removal, or to orphan cleanup when
+    that greenlet ends.
 
     Usage::
 
@@ -199,7 +229,9 @@ class session_scope(Generic[_S]):
     def __enter__(self) -> _S:
         owned = not self._session.registry.has()
         session = self._session()
-        self._entries.append(_Entry(sys._getframe(1), getcurrent(), owned, session))
+        entry = _Entry(sys._getframe(1), getcurrent(), owned, session)
+        _claims(session).append(entry)
+        self._entries.append(entry)
         return session
 
     def _pop_entry(self, frame: FrameType | None) -> _Entry | None:
@@ -228,6 +260,10 @@ class session_scope(Generic[_S]):
                 "enter each scope once per exit (use `with session_scope(...)`)"
             )
         entry.frame = None  # no reference cycle through the frame
+        session, entry.session = entry.session, None  # type: ignore[assignment]
+        claims = _claims(session)
+        if entry in claims:
+            claims.remove(entry)
         if entry.owner() is not getcurrent():
             # Another greenlet finalizes the block (an abandoned generator): the Session
             # is its owner's, which may still be using it. Leave it alone.
@@ -238,18 +274,35 @@ class session_scope(Generic[_S]):
                 "neither committed nor closed here"
             )
             return
-        session, entry.session = entry.session, None  # type: ignore[assignment]
+        registry = self._session.registry
+        current = registry() if registry.has() else None
         try:
             if self._commit and exc_type is None:
                 session.commit()  # the Session this entry handed out, even if replaced
+                if current is not None and current is not session and not _claims(current):
+                    current.commit()  # made in the block after a remove(): its work too
         finally:
             if entry.owned:
-                registry = self._session.registry
-                if registry.has() and registry() is session:
-                    self._session.remove()
+                self._release(session, current)
+
+    def _release(self, session: Session, current: Session | None) -> None:
+        """An owned exit: remove what the block leaves, unless an open scope holds it."""
+        try:
+            if current is not None:
+                others = _claims(current)
+                if others:
+                    others[0].owned = True  # still in use by an open scope: its to remove
                 else:
-                    # Removed or replaced meanwhile (another scope of this greenlet ended
-                    # first): still ours to close, or its connection would stay out.
+                    self._session.remove()
+        finally:
+            if session is not current:
+                # Removed or replaced inside the block. Replaced (set(), clear()): still
+                # ours to close, or its connection would stay out until GC. Removed: it
+                # has nothing left to close, and is not closed twice.
+                others = _claims(session)
+                if others:
+                    others[0].owned = True
+                elif _has_work(session):
                     close_or_release(session)
 
     def __call__(self, func: Callable[_P, _R]) -> Callable[_P, _R]:

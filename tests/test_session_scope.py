@@ -197,3 +197,55 @@ def test_refuses_what_is_not_a_scoped_session(sqlite_db: CountingEngine) -> None
     """Passing a plain Session or sessionmaker raises an error that says what to pass."""
     with pytest.raises(TypeError, match="takes a scoped_session"):
         greenscope.session_scope(sessionmaker(sqlite_db.engine))  # type: ignore[arg-type]
+
+
+def scoped_block(
+    scope: greenscope.session_scope[orm.Session], steps: list[str], Session: Scoped
+) -> Iterator[None]:
+    """A generator holding a scope: entered at the first next(), then one step per next()."""
+    with scope:
+        yield
+        for step in steps:
+            if step == "remove":
+                Session.remove()
+            elif step == "write":
+                add(Session(), "gen")
+            yield
+
+
+def test_a_scope_made_after_remove_survives_an_earlier_scope_ending_first(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """Two generators ending out of order: an exit never closes what an open scope made."""
+    first = scoped_block(greenscope.session_scope(Session), ["remove"], Session)
+    next(first)  # entered
+    next(first)  # removed its own Session
+    second = scoped_block(greenscope.session_scope(Session, commit=True), ["write"], Session)
+    next(second)  # entered with no Session: made its own
+    next(second)  # wrote with it
+    made = Session()
+    next(first, None)  # the first scope ends before the second
+    assert Session() is made, "the first scope's exit removed the second scope's Session"
+    assert made.in_transaction(), "the second scope's write was rolled back"
+    next(second, None)  # commits its own write, then removes
+    assert sqlite_db.count_rows() == 1
+    assert not Session.registry.has()
+    assert sqlite_db.checkedout() == 0
+
+
+def test_a_scope_takes_over_removal_when_the_scope_that_made_it_ends_first(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """An owned exit that leaves a Session to an open scope leaves its removal to it too."""
+    outer = scoped_block(greenscope.session_scope(Session), ["remove", "write"], Session)
+    next(outer)  # entered: owns its Session
+    next(outer)  # removed it
+    next(outer)  # wrote with a new one, which no scope made
+    inner = scoped_block(greenscope.session_scope(Session), [], Session)
+    next(inner)  # entered with that Session: not its own to remove, until...
+    next(outer, None)  # ...the outer scope ends first, and leaves the Session to it
+    assert Session.registry.has(), "the outer exit closed a Session an open scope uses"
+    next(inner, None)
+    assert not Session.registry.has(), "nobody removed the Session the scopes left behind"
+    assert sqlite_db.checkedout() == 0
+    assert sqlite_db.count_rows() == 0
