@@ -133,8 +133,8 @@ def _claims(session: Session) -> list[_Entry]:
     Kept on the Session itself (a plain attribute: ``Session`` has a ``__dict__``), so
     that every ``session_scope`` object over one registry sees the same claims. An entry
     adds itself at ``__enter__`` and takes itself off at its exit, whichever greenlet runs
-    it; an entry never exited (a generator kept alive, never finalized) keeps its claim,
-    and with it the Session, until the generator goes.
+    it; an entry never exited (a generator kept alive, never finalized) keeps its claim
+    until the generator goes.
     """
     claims: list[_Entry] | None = session.__dict__.get("_greenscope_claims")
     if claims is None:
@@ -142,29 +142,62 @@ def _claims(session: Session) -> list[_Entry]:
     return claims
 
 
+def _made_by_another_scope(session: Session, exiting: _Entry) -> bool:
+    """Whether another open scope of this greenlet and registry made ``session``: its unit
+    of work, which an exit of a scope it is not nested in must leave alone."""
+    me = getcurrent()
+    return any(
+        e is not exiting and e.owned and e.registry is exiting.registry and e.owner() is me
+        for e in _claims(session)
+    )
+
+
 def _has_work(session: Session) -> bool:
     """Whether ``close()`` would do anything: a transaction, or objects to expunge."""
     return session.in_transaction() or bool(session.identity_map) or bool(session.new)
+
+
+_STALE = "_greenscope_stale"  # in a Session's __dict__: left by a scope exited elsewhere
 
 
 class _Entry:
     """One entry into a :class:`session_scope`: what its exit needs, whoever runs it.
 
     ``frame`` is the frame that ran the ``with`` statement: the same frame runs the exit,
-    even when a generator holding the block is finalized by another greenlet. ``owned``
-    means this entry is responsible for removal: it made the Session (the registry held
-    none), or an owned entry that exited first passed the responsibility on to it.
+    even when a generator holding the block is finalized by another greenlet. ``owned``:
+    the registry held no Session at entry, so this entry made one and its exit ends it.
     """
 
-    __slots__ = ("frame", "owned", "owner", "session")
+    __slots__ = ("frame", "owned", "owner", "registry", "session")
 
     def __init__(
-        self, frame: FrameType | None, owner: RawGreenlet, owned: bool, session: Session
+        self,
+        frame: FrameType | None,
+        owner: RawGreenlet,
+        owned: bool,
+        session: Session,
+        registry: object,
     ) -> None:
         self.frame = frame
         self.owner = weakref.ref(owner)
         self.owned = owned
         self.session = session  # what the entry handed out: what its exit commits
+        self.registry = registry
+
+
+def _exited_elsewhere(entry: _Entry, session: Session, *, shutting_down: bool) -> None:
+    """Another greenlet finalizes the block (an abandoned generator): the Session is its
+    owner's, which may still be using it. Leave it alone; if the scope made it, mark it
+    so that the owner's next scope does not inherit it."""
+    if entry.owned:
+        session.__dict__[_STALE] = True
+    if shutting_down:
+        return  # at interpreter shutdown: nothing to warn about any more
+    logger.warning(
+        "greenscope: a session_scope entered in another greenlet was exited here "
+        "(a generator abandoned by its greenlet and finalized elsewhere); its Session is "
+        "left to its own greenlet, neither committed nor closed here"
+    )
 
 
 class session_scope(Generic[_S]):
@@ -179,27 +212,27 @@ class session_scope(Generic[_S]):
 
     Entered while the greenlet already has a ``Session`` (an outer scope, or a request
     served by the gunicorn worker), it uses that ``Session`` and leaves its removal to
-    whoever opened it. ``commit=True`` still commits when the block succeeds: it is a
-    commit, not a vote, so an outer block's pending work is committed with it. Use it
-    on the outermost unit of work when the whole must be atomic.
+    whoever opened it. ``commit=True`` still commits that ``Session`` when the block
+    succeeds: it is a commit, not a vote, so an outer block's pending work is committed
+    with it. Use it on the outermost unit of work when the whole must be atomic.
 
-    What an exit does, in the greenlet that entered:
-
-    * ``commit=True`` and no exception: it commits the ``Session`` its entry handed out,
-      and the registry's current one when that is another that no open scope handed out
-      (the block called ``remove()`` and went on with a new ``Session``).
-    * An entry that made its ``Session`` then removes the registry's current ``Session``
-      and closes the one it handed out if that was replaced meanwhile, so nothing made
-      inside the block outlives it: the next task on a thread-pool worker starts clean.
-      A ``Session`` that another scope of this greenlet, still open, handed out is never
-      closed: that scope takes over its removal (two generators ending out of order).
-      Nothing is closed twice: a ``Session`` the block already removed is left alone.
+    What an exit does, in the greenlet that entered. A scope that made its ``Session`` (the
+    greenlet had none) owns the unit of work: the ``Session`` it made, and any ``Session``
+    made inside the block after a ``remove()``, unless another open scope of the greenlet
+    made that one (two generators ending out of order). Its exit commits them
+    (``commit=True``, no exception) and removes them, so nothing made inside the block
+    outlives it: the next task on a thread-pool worker starts clean. A scope nested inside
+    it that outlives it (a generator) loses its ``Session`` with it. A ``Session`` the
+    block removed or replaced is closed once, never twice. A scope that did not make its
+    ``Session`` commits only the one it handed out, and never removes.
 
     An exit that runs in another greenlet than its entry (a generator holding the block,
     abandoned by its greenlet and finalized by another, or by the garbage collector)
     neither commits nor closes: the Session belongs to the entry's greenlet, which may
-    still be using it; it is left to that greenlet's removal, or to orphan cleanup when
-    that greenlet ends.
+    still be using it. If the scope owned it, it is marked stale: the next
+    ``session_scope`` entered in that greenlet rolls it back and starts with a fresh one
+    (a WARNING says so); otherwise it is left to that greenlet's removal, or to orphan
+    cleanup when that greenlet ends.
 
     Usage::
 
@@ -227,19 +260,30 @@ class session_scope(Generic[_S]):
         self._entries: list[_Entry] = []
 
     def __enter__(self) -> _S:
-        owned = not self._session.registry.has()
+        registry = self._session.registry
+        if registry.has():
+            current = registry()
+            if current.__dict__.get(_STALE) and not any(
+                e.owned and e.registry is registry for e in _claims(current)
+            ):
+                logger.warning(
+                    "greenscope: a session_scope whose generator was finalized in another "
+                    "greenlet left its Session in this one; it is rolled back and removed "
+                    "before this scope starts, so that no unit of work inherits it"
+                )
+                self._session.remove()
+        owned = not registry.has()
         session = self._session()
-        entry = _Entry(sys._getframe(1), getcurrent(), owned, session)
+        entry = _Entry(sys._getframe(1), getcurrent(), owned, session, registry)
         _claims(session).append(entry)
         self._entries.append(entry)
         return session
 
-    def _pop_entry(self, frame: FrameType | None) -> _Entry | None:
+    def _pop_entry(self, frame: FrameType | None, me: RawGreenlet | None) -> _Entry | None:
         entries = self._entries
         for i in range(len(entries) - 1, -1, -1):  # the `with` statement's own frame
             if entries[i].frame is frame:
                 return entries.pop(i)
-        me = getcurrent()
         for i in range(len(entries) - 1, -1, -1):  # entered elsewhere (an ExitStack)
             if entries[i].owner() is me:
                 return entries.pop(i)
@@ -253,7 +297,11 @@ class session_scope(Generic[_S]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        entry = self._pop_entry(sys._getframe(1))
+        try:
+            me: RawGreenlet | None = getcurrent()
+        except RuntimeError:  # a generator finalized while the interpreter shuts down
+            me = None
+        entry = self._pop_entry(sys._getframe(1), me)
         if entry is None:
             raise RuntimeError(
                 "greenscope.session_scope: __exit__() without a matching __enter__(); "
@@ -264,46 +312,33 @@ class session_scope(Generic[_S]):
         claims = _claims(session)
         if entry in claims:
             claims.remove(entry)
-        if entry.owner() is not getcurrent():
-            # Another greenlet finalizes the block (an abandoned generator): the Session
-            # is its owner's, which may still be using it. Leave it alone.
-            logger.warning(
-                "greenscope: a session_scope entered in another greenlet was exited here "
-                "(a generator abandoned by its greenlet and finalized elsewhere); its "
-                "Session is left to its own greenlet's removal or to orphan cleanup, "
-                "neither committed nor closed here"
-            )
+        if me is None or entry.owner() is not me:
+            _exited_elsewhere(entry, session, shutting_down=me is None)
             return
         registry = self._session.registry
         current = registry() if registry.has() else None
+        # What this exit ends: the current Session if the block made it (this entry, or
+        # after a remove() in the block), not if another open scope did.
+        ours = (
+            current is not None
+            and entry.owned
+            and (current is session or not _made_by_another_scope(current, entry))
+        )
         try:
             if self._commit and exc_type is None:
                 session.commit()  # the Session this entry handed out, even if replaced
-                if current is not None and current is not session and not _claims(current):
+                if ours and current is not None and current is not session:
                     current.commit()  # made in the block after a remove(): its work too
         finally:
             if entry.owned:
-                self._release(session, current)
-
-    def _release(self, session: Session, current: Session | None) -> None:
-        """An owned exit: remove what the block leaves, unless an open scope holds it."""
-        try:
-            if current is not None:
-                others = _claims(current)
-                if others:
-                    others[0].owned = True  # still in use by an open scope: its to remove
-                else:
-                    self._session.remove()
-        finally:
-            if session is not current:
-                # Removed or replaced inside the block. Replaced (set(), clear()): still
-                # ours to close, or its connection would stay out until GC. Removed: it
-                # has nothing left to close, and is not closed twice.
-                others = _claims(session)
-                if others:
-                    others[0].owned = True
-                elif _has_work(session):
-                    close_or_release(session)
+                try:
+                    if ours:
+                        self._session.remove()
+                finally:
+                    # Replaced inside the block (set(), clear()): still ours to close, or
+                    # its connection would stay out until GC. Removed: nothing left to do.
+                    if session is not current and _has_work(session):
+                        close_or_release(session)
 
     def __call__(self, func: Callable[_P, _R]) -> Callable[_P, _R]:
         if (

@@ -305,6 +305,7 @@ class Model:
     closes: int = 0  # every close() but the test's
     test_closes: int = 0
     commits: int = 0
+    stale: bool = False  # its owned scope was exited by another greenlet
 
     def __repr__(self) -> str:
         return f"<Session #{self.number} of {self.owner.name}>"
@@ -315,14 +316,12 @@ class Model:
 
 @dataclass
 class Entry:
-    """One `with session_scope` entry: its commit flag, whether it is responsible for
-    removal (it made the Session, or inherited that from an owned exit), the Session it
-    handed out (what its exit commits), and when it was entered (claims go oldest first)."""
+    """One `with session_scope` entry: its commit flag, whether it made the Session (then
+    its exit ends it), and the Session it handed out (what its exit commits)."""
 
     commit: bool
     owned: bool
     session: Model
-    seq: int = 0
 
 
 @dataclass(eq=False)
@@ -391,7 +390,6 @@ class RegistryMachine(RuleBasedStateMachine):
         self.gens: list[Gen] = []
         self.obtained: dict[int, str] = {}  # id(Session) -> the owner that saw it
         self.created = self.removed = self.reaped = 0
-        self.entered = 0  # scope entries so far: their order
         self.names = 0
         self.invalidated_before = self.db.invalidated
         self.main_thread = threading.get_ident()
@@ -447,53 +445,51 @@ class RegistryMachine(RuleBasedStateMachine):
         owner.state = "gone"
 
     def _enter(self, owner: Owner, commit: bool) -> Entry:
-        """A scope's entry: it hands out the owner's Session, made now if it has none."""
-        owned = owner.held is None
-        self.entered += 1
-        return Entry(commit, owned, self._hold(owner), self.entered)
+        """A scope's entry: it hands out the owner's Session, made now if it has none.
 
-    def _claims(self, owner: Owner, session: Model, exiting: Entry) -> list[Entry]:
-        """The owner's open entries, but ``exiting``, that handed ``session`` out, oldest first."""
+        A Session left stale (its owned scope was exited by another greenlet) is removed
+        first, unless an open scope of the owner made it.
+        """
+        held = owner.held
+        if held is not None and held.stale and not self._made_by_scope(owner, held, None):
+            self._remove(owner)
+        owned = owner.held is None
+        return Entry(commit, owned, self._hold(owner))
+
+    def _made_by_scope(self, owner: Owner, session: Model, exiting: Entry | None) -> bool:
+        """Whether an open owned entry of the owner, but ``exiting``, made ``session``."""
         open_entries = owner.entries + [
             g.entry for g in self.gens if g.state == "suspended" and g.owner is owner and g.entry
         ]
-        claims = [e for e in open_entries if e.session is session and e is not exiting]
-        return sorted(claims, key=lambda e: e.seq)
+        return any(e.owned and e.session is session and e is not exiting for e in open_entries)
 
     def _exit(self, owner: Owner, entry: Entry, failed: bool) -> None:
         """A scope's exit in the greenlet that entered it (greenscope 0.2 semantics).
 
-        With commit and no failure it commits the Session its entry handed out, and the
-        owner's current one if that is another that no open entry handed out. An owned
-        exit then removes the current Session, and closes the one it handed out if that
-        was replaced and still has work; a Session another open entry handed out is left,
-        and the oldest such entry becomes responsible for it.
+        An owned exit ends its unit of work: the owner's current Session, whether its
+        entry made it or it was made after a remove() in the block, unless another open
+        owned scope made it. With commit and no failure it commits the Session it handed
+        out, and that current one; an owned exit then removes the current one and closes
+        the one it handed out if that was replaced and still has work.
         """
         session, current = entry.session, owner.held
+        ours = (
+            current is not None
+            and entry.owned
+            and (current is session or not self._made_by_scope(owner, current, entry))
+        )
         if entry.commit and not failed:
             session.commits += 1
             session.connected = False
-            if (
-                current is not None
-                and current is not session
-                and not self._claims(owner, current, entry)
-            ):
+            if ours and current is not None and current is not session:
                 current.commits += 1
                 current.connected = False
         if entry.owned:
-            if current is not None:
-                others = self._claims(owner, current, entry)
-                if others:
-                    others[0].owned = True
-                else:
-                    self._remove(owner)
-            if session is not current:
-                others = self._claims(owner, session, entry)
-                if others:
-                    others[0].owned = True
-                elif session.connected:  # has a transaction: what close() would end
-                    session.closes += 1
-                    session.connected = False
+            if ours:
+                self._remove(owner)
+            if session is not current and session.connected:  # a transaction to end
+                session.closes += 1
+                session.connected = False
 
     def _unwind(self, owner: Owner, failed: bool) -> None:
         while owner.entries:
@@ -541,7 +537,9 @@ class RegistryMachine(RuleBasedStateMachine):
             if gen.state == "suspended" and gen.owner is owner:
                 assert gen.entry is not None
                 self._exit(owner, gen.entry, failed=op != "gen_finish")
-            # Exited by another greenlet: neither committed nor closed (the model: nothing).
+            elif gen.state == "suspended" and gen.entry is not None and gen.entry.owned:
+                gen.entry.session.stale = True  # its owner's next scope starts fresh
+            # Exited by another greenlet: neither committed nor closed.
             gen.state = "dropped" if op == "gen_drop" else "done"
         else:
             assert op == "hub", op

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import gevent
 import gevent.threadpool
@@ -201,7 +201,7 @@ def test_refuses_what_is_not_a_scoped_session(sqlite_db: CountingEngine) -> None
 
 def scoped_block(
     scope: greenscope.session_scope[orm.Session], steps: list[str], Session: Scoped
-) -> Iterator[None]:
+) -> Generator[None, None, None]:
     """A generator holding a scope: entered at the first next(), then one step per next()."""
     with scope:
         yield
@@ -233,19 +233,111 @@ def test_a_scope_made_after_remove_survives_an_earlier_scope_ending_first(
     assert sqlite_db.checkedout() == 0
 
 
-def test_a_scope_takes_over_removal_when_the_scope_that_made_it_ends_first(
+def owners(db: CountingEngine) -> list[str]:
+    with db.engine.connect() as conn:
+        return [r[0] for r in conn.execute(text("SELECT owner FROM items ORDER BY id"))]
+
+
+def test_a_scope_nested_in_one_that_ended_loses_its_session_with_it(
     Session: Scoped, sqlite_db: CountingEngine
 ) -> None:
-    """An owned exit that leaves a Session to an open scope leaves its removal to it too."""
+    """A generator scope that outlives the scope it was entered in keeps nothing of its work."""
     outer = scoped_block(greenscope.session_scope(Session), ["remove", "write"], Session)
     next(outer)  # entered: owns its Session
     next(outer)  # removed it
-    next(outer)  # wrote with a new one, which no scope made
+    next(outer)  # wrote with a new one: made in the outer block, so the outer block's
     inner = scoped_block(greenscope.session_scope(Session), [], Session)
-    next(inner)  # entered with that Session: not its own to remove, until...
-    next(outer, None)  # ...the outer scope ends first, and leaves the Session to it
-    assert Session.registry.has(), "the outer exit closed a Session an open scope uses"
+    next(inner)  # entered with that Session, nested in the outer block
+    next(outer, None)  # the outer scope ends first: it ends its whole unit of work
+    assert not Session.registry.has(), "the outer scope left a Session it made"
+    assert sqlite_db.checkedout() == 0
     next(inner, None)
-    assert not Session.registry.has(), "nobody removed the Session the scopes left behind"
+    assert not Session.registry.has()
+    assert sqlite_db.count_rows() == 0
+
+
+def test_a_task_that_caches_a_generator_scope_leaves_nothing_to_the_next_task(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """A thread-pool task's scope ends its Session even if a generator it started holds it."""
+    pool = gevent.threadpool.ThreadPool(1)  # one worker greenlet runs every task
+    cache: list[Generator[None, None, None]] = []
+
+    def first() -> orm.Session:
+        with greenscope.session_scope(Session) as session:
+            add(session, "first, never committed")
+            pages = scoped_block(greenscope.session_scope(Session), [], Session)
+            next(pages)
+            cache.append(pages)  # kept for later: outlives the task
+            return session
+
+    def second() -> orm.Session:
+        with greenscope.session_scope(Session, commit=True) as session:
+            add(session, "second")
+            return session
+
+    def finish() -> None:
+        for pages in cache:
+            next(pages, None)
+
+    try:
+        a = pool.spawn(first).get(timeout=10)
+        b = pool.spawn(second).get(timeout=10)
+        pool.spawn(finish).get(timeout=10)
+        assert a is not b, "the second task got the first task's Session"
+        assert owners(sqlite_db) == ["second"], "the first task's uncommitted write was kept"
+        assert sqlite_db.checkedout() == 0
+        assert not pool.spawn(Session.registry.has).get(timeout=10)
+    finally:
+        pool.kill()
+
+
+def test_a_generator_closed_after_its_scope_ended_does_not_roll_back_later_work(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """Work done after a helper scope ended is the caller's: a late exit never removes it."""
+    with greenscope.session_scope(Session):  # a helper scope at the start of a request
+        stream = scoped_block(greenscope.session_scope(Session), [""], Session)
+        next(stream)  # a stream it started and hands back to the caller
+    add(Session(), "request")  # the caller's own work, in a new Session
+    stream.close()
+    Session.commit()  # the request reports success
+    Session.remove()
+    assert owners(sqlite_db) == ["request"]
+
+
+def test_a_scope_finalized_in_another_greenlet_leaves_no_session_to_the_next_scope(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """An owned scope exited elsewhere marks its Session stale; the next scope starts fresh."""
+    gen = scoped_block(greenscope.session_scope(Session), ["write"], Session)
+    next(gen)  # owned: made this greenlet's Session
+    next(gen)  # wrote, uncommitted
+    left = Session()
+    gevent.spawn(gen.close).join()  # a consumer greenlet finalizes the generator
+    assert Session() is left, "an exit in another greenlet must not touch the Session"
+    with greenscope.session_scope(Session, commit=True) as session:
+        assert session is not left, "the next scope inherited an abandoned scope's Session"
+        add(session, "next")
+    assert owners(sqlite_db) == ["next"]
+    assert not Session.registry.has()
+    assert sqlite_db.checkedout() == 0
+
+
+def test_scopes_of_another_registry_do_not_keep_a_session_in_this_one(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """A claim counts only for its own registry: sharing a Session keeps nothing alive."""
+    Other = greenscope.scoped_session(sessionmaker(sqlite_db.engine))
+    with greenscope.session_scope(Session) as session:
+        Other.registry.set(session)  # a library's own scoped_session shares it
+        other = scoped_block(greenscope.session_scope(Other), [], Other)
+        next(other)
+        add(session, "uncommitted")
+    assert not Session.registry.has(), "a scope of another registry kept the Session"
+    with greenscope.session_scope(Session) as fresh:
+        assert fresh is not session
+    next(other, None)
+    Other.registry.clear()
     assert sqlite_db.checkedout() == 0
     assert sqlite_db.count_rows() == 0
