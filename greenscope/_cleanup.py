@@ -482,7 +482,15 @@ class _HubReaper:
                 return False  # nothing will run _after_cut: stop counting it now
             with _watchdog.lock:
                 _watchdog.settling[entry] = self.hub
-            self.hub.loop.run_callback_threadsafe(self._after_cut, me, entry)
+            try:
+                self.hub.loop.run_callback_threadsafe(self._after_cut, me, entry)
+            except Exception:
+                # The hub was destroyed between the check and the call (a thread-pool
+                # worker exiting): nothing will run _after_cut. Whoever takes the entry
+                # out of `settling` first counts it, exactly once: us, or the sweep.
+                with _watchdog.lock:
+                    ours = _watchdog.settling.pop(entry, None) is not None
+                return not ours
             return True
 
         try:

@@ -128,6 +128,58 @@ def test_a_hub_destroyed_before_it_interrupts_a_cut_close_does_not_hold_up_the_w
     assert registry.stats().timed_out == 1
 
 
+class _LoopDestroyedMidCut:
+    """A hub's loop that refuses threadsafe callbacks: the hub destroyed mid-cut."""
+
+    def __init__(self, loop: Any) -> None:
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+    def run_callback_threadsafe(self, *args: Any) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'run_callback_threadsafe'")
+
+
+def test_a_hub_destroyed_while_a_close_is_cut_is_counted_once(short_deadline: None) -> None:
+    """The cut cannot reach the hub: the close stops counting once, never twice."""
+    value = Closable("hung", gevent.event.Event(), [])
+    registry = greenscope.GreenletRegistry(lambda: value)
+    errors: list[BaseException] = []
+    hub_ref: list[Any] = []
+
+    def thread() -> None:
+        try:
+            gevent.spawn(registry).join()
+            with gevent.Timeout(5):
+                while not value.entered:
+                    gevent.sleep(0.001)
+            hub = _cleanup.hub_if_exists()
+            assert hub is not None
+            hub_ref.append(hub)
+            real = hub.loop
+            hub.loop = _LoopDestroyedMidCut(real)  # the watchdog's callback will fail
+            deadline = time.monotonic() + 5
+            while registry.stats().timed_out == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert greenscope.wait_reaped(5)  # from a native thread: no yield to this hub
+            hub.loop = real
+            hub.destroy(destroy_loop=True)
+        except BaseException as exc:  # reported by the test, not by threading
+            errors.append(exc)
+
+    t = threading.Thread(target=thread, daemon=True)
+    t.start()
+    t.join(15)
+    assert not errors, errors
+    deadline = time.monotonic() + 3  # a sweep (every second) settles what is left over
+    while _cleanup._watchdog.settling and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _cleanup._watchdog.settling
+    assert _cleanup.pending() == 0, "the cut was counted twice"
+
+
 def test_a_hung_close_in_a_reaper_thread_does_not_hold_up_the_next(short_deadline: None) -> None:
     """Without a hub: a close stuck in a reaper thread is replaced; the queue moves on."""
     closed: list[str] = []
