@@ -1,9 +1,9 @@
 """gunicorn hooks for ``deploy/soak.py``: every worker reports its counters when it exits.
 
 Worker processes come and go during the soak (``max_requests``, SIGHUP, a restart), and
-their counters go with them: each worker records that it started and, at exit (after
+their counters go with them: each worker records that it is ready to serve and, at exit (after
 greenscope's worker has closed what was left), writes the demo's and greenscope's
-counters to ``$GREENSCOPE_SOAK_DIR``. A worker that started and never reported was
+counters to ``$GREENSCOPE_SOAK_DIR``. A worker that was ready and never reported was
 killed without cleanup, which the soak counts as a failure.
 """
 
@@ -18,7 +18,11 @@ import greenscope
 _DIR = Path(os.environ["GREENSCOPE_SOAK_DIR"])
 
 
-def post_fork(server: Any, worker: Any) -> None:
+def post_worker_init(worker: Any) -> None:
+    # Ready: signal handlers installed and the app loaded. Not at post_fork: a worker that
+    # the master stops while it boots (a SIGHUP reload right after a max_requests
+    # recycle) dies of the default SIGTERM action before gunicorn installed its handler,
+    # runs no worker_exit, and has served nothing, so it holds nothing to judge.
     (_DIR / f"started-{os.getpid()}").touch()
 
 
