@@ -8,7 +8,20 @@ replace the app path. Read deploy/README.md for pool sizing and drivers before y
 change the concurrency.
 """
 
+import importlib.util
 import os
+
+# Metrics (greenscope.metrics, deploy/README.md "Metrics"): with prometheus_client
+# installed, every worker publishes greenscope's and its pools' figures, added up over
+# the workers at /metrics (the demo serves it; prometheus.MetricsMiddleware in your app).
+# This must run before anything imports prometheus_client. With --statsd-host instead,
+# greenscope's worker sends the same figures through gunicorn's own StatsD logger.
+if importlib.util.find_spec("prometheus_client") is not None:
+    from greenscope.metrics import prometheus
+
+    prometheus.setup_multiprocess()
+    on_starting = prometheus.on_starting  # a clean directory at each master start
+    child_exit = prometheus.child_exit  # a dead worker's gauges leave the sums
 
 bind = os.environ.get("GREENSCOPE_BIND", "127.0.0.1:8000")
 

@@ -28,7 +28,8 @@ accesslog = os.environ.get("GREENSCOPE_ACCESSLOG")
 # greenscope's hooks as they are:
 post_fork = greenscope_hooks.post_fork
 worker_exit = greenscope_hooks.worker_exit
-# Optional: log what `python -m greenscope doctor` would find, once per worker at start.
+# Optional: log what `python -m greenscope doctor` would find, once per worker at start,
+# and start the metrics exporters (greenscope.metrics) the worker is configured for.
 post_worker_init = greenscope_hooks.post_worker_init
 
 

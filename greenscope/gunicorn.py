@@ -57,6 +57,7 @@ every engine greenscope knows: those bound by a greenscope registry's sessionmak
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -121,16 +122,39 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """gunicorn hook: log what :mod:`greenscope.doctor` finds wrong in this worker.
+    """gunicorn hook: log what :mod:`greenscope.doctor` finds wrong; start the metrics.
 
     Runs the checks once per worker process, after gevent patched it and the app was
     loaded, and logs each warning and error finding through gunicorn's logger (one
-    ``gc.get_objects()`` pass, once). greenscope's worker classes do it by themselves;
-    ``GREENSCOPE_DOCTOR=0`` turns both off. Never raises: a failure is logged instead.
+    ``gc.get_objects()`` pass, once). Then starts the metrics exporters the worker is
+    configured for (:mod:`greenscope.metrics`: StatsD with ``--statsd-host``, Prometheus
+    with ``PROMETHEUS_MULTIPROC_DIR``). greenscope's worker classes do both by
+    themselves; ``GREENSCOPE_DOCTOR=0`` and ``GREENSCOPE_METRICS=0`` turn them off.
+    Never raises: a failure is logged instead.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.3 Starts the metrics exporters.
     """
     _run_doctor(worker)
+    _start_metrics(worker)
+
+
+def _start_metrics(worker: Any) -> None:
+    try:
+        from greenscope.metrics import _wiring  # noqa: PLC0415 - only in workers
+
+        _wiring.worker_started(worker)
+    except Exception:
+        worker.log.exception("greenscope.metrics: starting the exporters failed; no metrics")
+
+
+def _stop_metrics(log: Any) -> None:
+    try:
+        from greenscope.metrics import _wiring  # noqa: PLC0415 - only in workers
+
+        _wiring.worker_exiting()
+    except Exception:
+        log.exception("greenscope.metrics: the last publish failed")
 
 
 _doctor_ran = False
@@ -164,7 +188,8 @@ def _run_doctor(worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """gunicorn hook: close the Sessions left in the exiting worker.
+    """gunicorn hook: close the Sessions left in the exiting worker; publish the metrics
+    a last time.
 
     Sessions of requests still running (an immediate shutdown, SIGQUIT) are left to the
     database, which rolls back when the process goes: closing them would wait for
@@ -173,6 +198,7 @@ def worker_exit(server: Any, worker: Any) -> None:
     Session, and should remove it.
     """
     greenscope.close_all(include_running=False, shutdown=False)
+    _stop_metrics(getattr(worker, "log", None) or logging.getLogger("greenscope"))
 
 
 class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is untyped
@@ -184,10 +210,12 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
 
     def run(self) -> None:
         _run_doctor(self)  # after patching and loading the app, before serving
+        _start_metrics(self)
         try:
             super().run()
         finally:
             greenscope.close_all(include_running=False, shutdown=False)  # see worker_exit
+            _stop_metrics(self.log)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         try:
