@@ -21,12 +21,26 @@ Environment:
     the engine's pool; default 20 and 80 (for ``worker_connections = 100``).
 ``GREENSCOPE_DEMO_IMPORT_QUERY``
     if set, query at import time and leave a Session open (the ``--preload`` hazard).
+``GREENSCOPE_DEMO_PGBOUNCER``
+    if set, ``DATABASE_URL`` points at PgBouncer in transaction mode: no server-side
+    prepared statements (``prepare_threshold=None``; PgBouncer 1.18 cannot follow them)
+    and no ``options`` startup parameter (PgBouncer refuses it; set such settings on the
+    server role instead).
+``GREENSCOPE_DEMO_DEADLINE``
+    seconds a request may spend before it answers 503 (default: none). While the
+    database is unreachable (PgBouncer ``PAUSE``, a failover) queries wait; a deadline
+    makes requests fail fast instead of holding their greenlet and their connection.
+``GREENSCOPE_DEMO_CONNECT_TIMEOUT``
+    the driver's connect timeout in seconds (default 5).
 
 Endpoints (``key`` is a unique string the client picks, so it can audit the table):
 
 =========================  ==============================================================
 ``POST /write?key=K``      insert and commit; 201 acknowledges a stored write, 503 says
-                           the commit's outcome is unknown (its answer was lost)
+                           the commit's outcome is unknown (its answer was lost). The key
+                           is an idempotency key: a write of a key already stored (a
+                           client's or a load balancer's retry) answers 201 again with
+                           the stored id and ``"replayed": true``, and stores nothing
 ``POST /fail?key=K``       insert, flush, then raise: 500, must leave nothing behind
 ``POST /forget?key=K``     insert and *forget to commit*: 200, must leave nothing behind
 ``GET /stream?n=N``        a streamed body of N chunks, reading between chunks
@@ -39,12 +53,16 @@ Endpoints (``key`` is a unique string the client picks, so it can audit the tabl
                            or ``remove()``: greenscope reaps it; never stored
 ``GET /sql``                one SELECT
 ``GET /stats``             this worker's counters as JSON
+``GET /metrics``           greenscope's Prometheus metrics, all workers (needs
+                           prometheus_client; see ``gunicorn.conf.py``)
 ``GET /health``            200, no database
 =========================  ==============================================================
 
 Every request that uses the database first checks that its Session carries nothing from
 an earlier request (pending or loaded objects, an open transaction); ``/stats`` reports
-how often one did (``saw_foreign``).
+how often one did (``saw_foreign``), and such a response carries ``X-Saw-Foreign: 1``.
+A request that fails because the database is unreachable (``OperationalError``, or the
+deadline) answers 503.
 
 SQLite under gevent: sqlite3 blocks the hub while it works, so a transaction that does
 not wait on the network never interleaves with another greenlet's. The endpoints keep it
@@ -63,12 +81,15 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import gevent
+import gevent.local
 import sqlalchemy.exc
 import sqlalchemy.orm
 from sqlalchemy import Engine, String, create_engine, event, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import greenscope
+from greenscope import metrics
+from greenscope.metrics import prometheus
 
 MODE = os.environ.get("GREENSCOPE_DEMO_MODE", "greenscope")
 DATABASE_URL = os.environ.get(
@@ -98,6 +119,11 @@ POOL = {
 }
 
 
+PGBOUNCER = bool(os.environ.get("GREENSCOPE_DEMO_PGBOUNCER"))
+DEADLINE = float(os.environ.get("GREENSCOPE_DEMO_DEADLINE") or 0) or None
+CONNECT_TIMEOUT = int(os.environ.get("GREENSCOPE_DEMO_CONNECT_TIMEOUT", "5"))
+
+
 def make_engine(url: str = DATABASE_URL) -> Engine:
     """The demo's engine: a pool sized for a gevent worker (see deploy/README.md)."""
     if url.startswith("sqlite"):
@@ -112,18 +138,18 @@ def make_engine(url: str = DATABASE_URL) -> Engine:
 
         return engine
     name = os.environ.get("GREENSCOPE_DEMO_APP_NAME", "demo").replace("{pid}", str(os.getpid()))
-    return create_engine(
-        url,
-        **POOL,
-        connect_args={
-            "application_name": name,
-            # A query cut short on the client (gevent.Timeout, a killed greenlet) gets its
-            # connection invalidated and closed, but PostgreSQL only notices a vanished
-            # client when it next writes to it: until the query ends, the backend still
-            # counts against max_connections. This makes it check every 250 ms (PG 14+).
-            "options": "-c client_connection_check_interval=250",
-        },
-    )
+    connect_args: dict[str, Any] = {"application_name": name, "connect_timeout": CONNECT_TIMEOUT}
+    if PGBOUNCER:
+        # Transaction pooling: each transaction may run on another server connection,
+        # which would not know a statement prepared on the previous one.
+        connect_args["prepare_threshold"] = None
+    else:
+        # A query cut short on the client (gevent.Timeout, a killed greenlet) gets its
+        # connection invalidated and closed, but PostgreSQL only notices a vanished
+        # client when it next writes to it: until the query ends, the backend still
+        # counts against max_connections. This makes it check every 250 ms (PG 14+).
+        connect_args["options"] = "-c client_connection_check_interval=250"
+    return create_engine(url, **POOL, connect_args=connect_args)
 
 
 def create_schema(url: str = DATABASE_URL) -> None:
@@ -134,6 +160,7 @@ def create_schema(url: str = DATABASE_URL) -> None:
 
 
 engine = make_engine()
+metrics.instrument(engine, name="demo")  # the `engine` label of the pool metrics
 if MODE == "greenscope":
     Session: sqlalchemy.orm.scoped_session[sqlalchemy.orm.Session] = greenscope.scoped_session(
         sessionmaker(engine)
@@ -157,6 +184,8 @@ counters = {
     "orphans": 0,
     "background_pending": 0,
     "background_failed": 0,
+    "deadline_exceeded": 0,
+    "database_unavailable": 0,
 }
 
 StartResponse = Callable[..., Any]
@@ -167,14 +196,23 @@ def _check_isolation() -> sqlalchemy.orm.Session:
     session = Session()
     if session.new or session.dirty or len(session.identity_map) or session.in_transaction():
         counters["saw_foreign"] += 1
+        _foreign.seen = True
     return session
+
+
+class _Foreign(gevent.local.local):  # type: ignore[misc]  # gevent is untyped
+    seen = False
+
+
+_foreign = _Foreign()
 
 
 def _respond(start_response: StartResponse, status: str, body: dict[str, Any]) -> Iterable[bytes]:
     data = json.dumps(body).encode()
-    start_response(
-        status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
-    )
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    if _foreign.seen:
+        headers.append(("X-Saw-Foreign", "1"))
+    start_response(status, headers)
     return [data]
 
 
@@ -237,7 +275,19 @@ def _write(query: Query, start_response: StartResponse) -> Iterable[bytes]:
     session = _check_isolation()
     item = Item(key=key, kind="write")
     session.add(item)
-    session.flush()
+    try:
+        session.flush()
+    except sqlalchemy.exc.IntegrityError:
+        # The key is stored already: a retry of a write that was committed (its answer
+        # lost, or a load balancer sent it again). Idempotent: the same answer, nothing
+        # stored twice. Another kind's key is a client error.
+        session.rollback()
+        stored = session.scalar(select(Item).where(Item.key == key))
+        if stored is None or stored.kind != "write":
+            return _respond(start_response, "409 Conflict", {"key": key})
+        return _respond(
+            start_response, "201 Created", {"id": stored.id, "key": key, "replayed": True}
+        )
     item_id = item.id  # read before the commit: nothing after it may fail the request
     return _commit(session, start_response, key) or _respond(
         start_response, "201 Created", {"id": item_id, "key": key}
@@ -357,8 +407,38 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
         return _respond(start_response, "200 OK", {"ok": True})
     if path == "/stats":
         return _respond(start_response, "200 OK", _stats())
+    if path == "/metrics":
+        return prometheus.metrics_app(environ, start_response)
     handler = ROUTES.get(path)
     if handler is None:
         return _respond(start_response, "404 Not Found", {"error": path})
     counters["requests"] += 1
-    return handler(parse_qs(environ.get("QUERY_STRING", "")), start_response)
+    return _dispatch(handler, parse_qs(environ.get("QUERY_STRING", "")), start_response)
+
+
+def _dispatch(
+    handler: Callable[[Query, StartResponse], Iterable[bytes]],
+    query: Query,
+    start_response: StartResponse,
+) -> Iterable[bytes]:
+    """Run one endpoint under the deadline; an unreachable database answers 503."""
+    _foreign.seen = False
+    deadline = gevent.Timeout(DEADLINE) if DEADLINE else None
+    try:
+        if deadline is not None:
+            deadline.start()
+        return handler(query, start_response)
+    except gevent.Timeout as exc:
+        if exc is not deadline:
+            raise  # another timeout (the /timeout endpoint's own)
+        counters["deadline_exceeded"] += 1
+        return _respond(start_response, "503 Service Unavailable", {"deadline": DEADLINE})
+    except sqlalchemy.exc.OperationalError:
+        # The database is unreachable, or dropped the connection: fail fast and say so.
+        # greenscope removes the Session when the request ends (its connection was
+        # invalidated by SQLAlchemy), so nothing stays checked out.
+        counters["database_unavailable"] += 1
+        return _respond(start_response, "503 Service Unavailable", {"database": "unavailable"})
+    finally:
+        if deadline is not None:
+            deadline.close()
