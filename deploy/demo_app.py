@@ -73,6 +73,7 @@ SQLite its pending object is enough to expose a leaked Session.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -416,6 +417,17 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
     return _dispatch(handler, parse_qs(environ.get("QUERY_STRING", "")), start_response)
 
 
+def _roll_back() -> None:
+    """What an error handler does before it answers: end the failed transaction.
+
+    greenscope removes the Session when the request ends anyway; without request-end
+    removal (the stock mode) a Session left in its failed state would fail every later
+    request its greenlet serves on this keep-alive connection.
+    """
+    with contextlib.suppress(Exception):  # a connection already gone: nothing to end
+        Session.rollback()
+
+
 def _dispatch(
     handler: Callable[[Query, StartResponse], Iterable[bytes]],
     query: Query,
@@ -432,12 +444,12 @@ def _dispatch(
         if exc is not deadline:
             raise  # another timeout (the /timeout endpoint's own)
         counters["deadline_exceeded"] += 1
+        _roll_back()
         return _respond(start_response, "503 Service Unavailable", {"deadline": DEADLINE})
     except sqlalchemy.exc.OperationalError:
         # The database is unreachable, or dropped the connection: fail fast and say so.
-        # greenscope removes the Session when the request ends (its connection was
-        # invalidated by SQLAlchemy), so nothing stays checked out.
         counters["database_unavailable"] += 1
+        _roll_back()
         return _respond(start_response, "503 Service Unavailable", {"database": "unavailable"})
     finally:
         if deadline is not None:

@@ -165,7 +165,7 @@ def test_the_audit_catches_a_server_without_request_end_removal(
             client.close()
     finally:
         server.stop()
-    assert report["checkedout"] == 6  # one per idle keep-alive client
+    assert report["checkedout"] == 6, (report["unexpected"], report)  # one per idle client
     assert report["saw_foreign"] > 0
     assert report["idle_in_tx"] in (None, 6)
 
