@@ -13,6 +13,11 @@
 #            with a fixed seed as part of make test).
 # make soak-celery: a real `celery worker -P gevent -c 50` under faults, then an audit
 #            (SOAK_ARGS=--quick, --control, --broker redis; AMQP_URL, REDIS_URL).
+#            make soak SOAK_ARGS=--pgbouncer: the soak through PgBouncer in transaction
+#            mode, with a database outage (PAUSE); needs Debian's pgbouncer.
+# make soak-fleet: three gunicorn hosts (network namespaces) behind HAProxy, through
+#            PgBouncer, a host SIGKILLed and one reloaded (SOAK_ARGS=--quick); needs
+#            root, haproxy and pgbouncer.
 
 # `python3.X` if it runs, else pyenv's 3.X if installed, else nothing.
 find_python = $(shell \
@@ -26,7 +31,7 @@ VENV_SA20 := .venv-sa20
 PIP_FLAGS := --quiet --disable-pip-version-check
 VERSIONS := 'import sys, sqlalchemy, gevent; print("== Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "gevent", gevent.__version__)'
 
-.PHONY: test lint pytest pytest-sa20 demo bench soak soak-celery fuzz package docs clean
+.PHONY: test lint pytest pytest-sa20 demo bench soak soak-celery soak-fleet fuzz package docs clean
 
 test: lint pytest pytest-sa20
 
@@ -71,6 +76,9 @@ fuzz: $(VENV)/.installed
 
 soak-celery: $(VENV)/.installed
 	$(VENV)/bin/python deploy/soak_celery.py $(SOAK_ARGS)
+
+soak-fleet: $(VENV)/.installed
+	$(VENV)/bin/python deploy/soak_fleet.py $(SOAK_ARGS)
 
 docs: $(VENV)/.installed
 	$(VENV)/bin/python -m sphinx -W --keep-going -n -b html docs docs/_build/html

@@ -15,8 +15,11 @@ write is stored exactly once and that nothing from a failed or forgotten request
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -161,8 +164,8 @@ def run_load(
     return out, keep
 
 
-def get_stats(port: int) -> dict[str, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+def get_stats(port: int, host: str = "127.0.0.1") -> dict[str, Any]:
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
     try:
         conn.request("GET", "/stats")
         result: dict[str, Any] = json.loads(conn.getresponse().read())
@@ -278,18 +281,33 @@ class Server:
     """A server subprocess on a loopback port: started, health-checked, stopped."""
 
     def __init__(
-        self, argv: list[str], port: int, env: dict[str, str], cwd: str, log_name: str = ""
+        self,
+        argv: list[str],
+        port: int,
+        env: dict[str, str],
+        cwd: str,
+        log_name: str = "",
+        *,
+        host: str = "127.0.0.1",
     ) -> None:
         self.port = port
+        self.host = host
         self.log_path = f"{cwd}/{log_name or f'server-{port}'}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=self._log)
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=self._log,
+            start_new_session=True,  # its own process group: kill() reaches the workers too
+        )
         end = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
             try:
-                get_stats(port)
+                get_stats(port, host)
                 break
             except OSError:
                 if time.monotonic() > end:
@@ -300,6 +318,13 @@ class Server:
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return f.read()
+
+    def kill(self) -> None:
+        """SIGKILL the master and its workers at once: a host that dies, no cleanup."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
 
     def stop(self, sig: int = 15, timeout: float = 40) -> int:
         """Send ``sig`` (SIGTERM: graceful) and wait; kill after ``timeout``."""

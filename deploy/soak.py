@@ -60,6 +60,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 import loadgen
+import pgbouncer
 
 DEPLOY = Path(__file__).resolve().parent
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1/test"
@@ -68,6 +69,13 @@ WORKERS = 2
 POOL_SIZE = 8
 MAX_OVERFLOW = 24
 POOL_CAP = POOL_SIZE + MAX_OVERFLOW  # per worker; worker_connections matches it
+# --pgbouncer: PgBouncer's pool, a fraction of what the workers' pools add up to; the
+# demo's request deadline; how long the database is away (PgBouncer PAUSE).
+PGBOUNCER_POOL = 10
+DEADLINE = 2.5
+PAUSE_SECONDS = 8.0
+OUTAGE = "database outage (PgBouncer PAUSE)"
+SERVER_STATES = ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
 
 PROFILES: dict[str, dict[str, int]] = {
     "full": {"requests": 50_000, "clients": 16, "max_requests": 2_500, "jitter": 500},
@@ -121,8 +129,23 @@ class Tally:
     unexpected: list[str] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     max_conns: dict[str, int] = field(default_factory=dict)  # application_name -> max held
-    max_backends: int = 0  # per worker, abandoned backends included
+    max_backends: int = 0  # per worker, abandoned backends included (all, via PgBouncer)
     refused_waits: int = 0
+    foreign_answers: int = 0  # responses that carried X-Saw-Foreign
+    # The database outage (PgBouncer PAUSE): its window, and what clients saw during it.
+    paused_at: float | None = None
+    resumed_at: float | None = None
+    paused_outcomes: Counter[str] = field(default_factory=Counter)
+    paused_max_latency: float = 0.0
+    first_ack_after_resume: float | None = None
+    max_client_waiting: int = 0  # PgBouncer's cl_waiting
+    max_servers: int = 0  # PgBouncer's server connections, in any state
+    # Answers of a write whose outcome the client cannot know: 503 is the demo's "the
+    # COMMIT's answer was lost"; behind a load balancer, its own 502 and 504 too.
+    unknown_statuses: frozenset[str] = frozenset({"503"})
+    retry_writes: bool = False  # retry an unknown write once, with the same key
+    client_retries: int = 0
+    replayed: int = 0  # writes answered 201 as a replay of a stored key
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self) -> int | None:
@@ -158,10 +181,39 @@ class SoakClient(threading.Thread):
         while (n := self.tally.take()) is not None:
             kind = self.rng.choices(self.kinds, self.weights)[0]
             key = f"{self.run_id}-{n}"
+            started = time.monotonic()
             outcome = self._attempt(kind, key)
+            if self._unknown(kind, outcome) and self.tally.retry_writes:
+                # What a careful client does: send the write again with the same
+                # idempotency key. Stored already, it is answered 201 as a replay.
+                with self.tally.lock:
+                    self.tally.client_retries += 1
+                time.sleep(0.05)
+                outcome = self._attempt(kind, key)
+            ended = time.monotonic()
             with self.tally.lock:
                 self.tally.outcomes[f"{kind} {outcome}"] += 1
-                self._judge(kind, key, outcome)
+                t = self.tally
+                during_pause = (
+                    t.paused_at is not None
+                    and started >= t.paused_at
+                    and (t.resumed_at is None or started < t.resumed_at)
+                )
+                # Started while the database was away: not judged as usual (it may fail
+                # fast, or wait and succeed once the database is back). Answered while
+                # it was still away: it must have failed fast.
+                if during_pause and t.resumed_at is None:
+                    t.paused_outcomes[outcome] += 1
+                    t.paused_max_latency = max(t.paused_max_latency, ended - started)
+                elif (
+                    outcome == "201"
+                    and not during_pause
+                    and t.resumed_at is not None
+                    and t.first_ack_after_resume is None
+                    and started >= t.resumed_at
+                ):
+                    t.first_ack_after_resume = ended - t.resumed_at
+                self._judge(kind, key, outcome, expected=not during_pause)
         # End on a keep-alive connection whose last request used the database, left open
         # through the idle audit: a Session that request-end removal missed would still
         # be held by its connection's greenlet then (and only reaped once it closes).
@@ -173,6 +225,12 @@ class SoakClient(threading.Thread):
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+    def _unknown(self, kind: str, outcome: str) -> bool:
+        """A write whose outcome this client cannot know (no answer, or a 502/503/504)."""
+        if kind != "write":  # /slow is a request to have in flight, not to retry
+            return False
+        return outcome in self.tally.unknown_statuses or outcome.startswith("dropped")
 
     def _attempt(self, kind: str, key: str) -> str:
         """Send one request, waiting out a restart; return its status or what went wrong."""
@@ -228,27 +286,33 @@ class SoakClient(threading.Thread):
         }[kind]
         self.conn.request("GET" if kind in {"sql", "stream", "slow"} else "POST", path)
         resp = self.conn.getresponse()
-        resp.read()
+        body = resp.read()
+        if resp.getheader("X-Saw-Foreign"):
+            with self.tally.lock:
+                self.tally.foreign_answers += 1
+        if b'"replayed": true' in body:
+            with self.tally.lock:
+                self.tally.replayed += 1
         if resp.getheader("Connection", "").lower() == "close":
             self.conn.close()
             self.conn = None
         return str(resp.status)
 
-    def _judge(self, kind: str, key: str, outcome: str) -> None:
+    def _judge(self, kind: str, key: str, outcome: str, *, expected: bool = True) -> None:
         t = self.tally
         if kind in NEVER_STORED:
             t.never_stored.add(key)
         if kind in WRITES:
             if outcome == "201":
                 t.acked.add(key)
-            elif outcome.startswith("5") and outcome != "503":  # 503: commit outcome unknown
+            elif outcome.startswith("5") and outcome not in t.unknown_statuses:
                 t.failed_writes.add(key)
             else:
                 t.unknown_writes.add(key)
         if kind == "hangup_request":
             t.unknown_writes.add(key)  # a /slow the client never heard back from
-        expected = EXPECTED_STATUS.get(kind)
-        if expected is not None and outcome != str(expected):
+        status = EXPECTED_STATUS.get(kind)
+        if expected and status is not None and outcome != str(status):
             t.unexpected.append(f"{kind} {key}: {outcome}")
 
 
@@ -261,9 +325,12 @@ class Soak:
         profile: dict[str, int],
         workdir: str,
         seed: int,
+        *,
         worker_class: str = "greenscope.gunicorn.GeventWorker",
+        bouncer: pgbouncer.PgBouncer | None = None,
     ) -> None:
         self.url = url
+        self.bouncer = bouncer
         self.worker_class = worker_class
         self.profile = profile
         self.workdir = workdir
@@ -275,11 +342,18 @@ class Soak:
         self.reports.mkdir()
         self.port = loadgen.free_port()
         self.tally = Tally(budget=profile["requests"])
+        self.expected_boots = WORKERS * 3  # the first workers, the reload's, the restart's
         self.admin = create_engine(url, poolclass=NullPool)
         self.servers: list[loadgen.Server] = []
+        # Which backends are the soak's: by application name, or through PgBouncer by the
+        # role PgBouncer logs in as (server connections serve every client in turn).
+        if bouncer is None:
+            self.mine, self.mine_param = "application_name LIKE :p", f"{self.app_prefix}-%"
+        else:
+            self.mine, self.mine_param = "usename = :p", pgbouncer.ROLE
         self.env = {
             **os.environ,
-            "DATABASE_URL": url,
+            "DATABASE_URL": url if bouncer is None else bouncer.url,
             "GREENSCOPE_DEMO_TABLE": self.table,
             "GREENSCOPE_DEMO_APP_NAME": f"{self.app_prefix}-{{pid}}",
             "GREENSCOPE_DEMO_POOL_SIZE": str(POOL_SIZE),
@@ -288,6 +362,9 @@ class Soak:
             "PYTHONPATH": str(DEPLOY),
         }
         self.env.pop("GREENSCOPE_DEBUG", None)
+        if bouncer is not None:
+            self.env["GREENSCOPE_DEMO_PGBOUNCER"] = "1"
+            self.env["GREENSCOPE_DEMO_DEADLINE"] = str(DEADLINE)
 
     # -- the server -----------------------------------------------------------------
 
@@ -316,15 +393,16 @@ class Soak:
     # -- faults ---------------------------------------------------------------------
 
     def _backends(self, sql: str) -> list[Any]:
-        """Rows of ``sql`` about this soak's backends (``:p`` matches their names)."""
+        """Rows of ``sql`` about this soak's backends (``{mine}`` selects them)."""
         with self.admin.connect() as conn:
-            return list(conn.execute(text(sql), {"p": f"{self.app_prefix}-%"}).all())
+            query = text(sql.replace("{mine}", self.mine))
+            return list(conn.execute(query, {"p": self.mine_param}).all())
 
     def _terminate_one_backend(self) -> bool:
         """Kill one of the soak's backends that is idle inside a transaction."""
         killed = self._backends(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name LIKE :p AND state = 'idle in transaction' LIMIT 1"
+            "WHERE {mine} AND state = 'idle in transaction' LIMIT 1"
         )
         return bool(killed and killed[0][0])
 
@@ -334,10 +412,24 @@ class Soak:
         # notices (deploy/README.md). Only /timeout runs pg_sleep, and its 0.05 s timeout
         # always cuts it short: its backends, abandoned or about to be, are counted apart
         # (undercounting the pool's by the few /timeout requests in flight at a sample).
+        if self.bouncer is not None:
+            # Through PgBouncer backends are not per worker: count PgBouncer's server
+            # connections against its pool, and how many clients wait for one. Backends
+            # PgBouncer already dropped (a /timeout client hung up mid-query: PostgreSQL
+            # ends it within client_connection_check_interval) are counted apart.
+            [(n,)] = self._backends("SELECT count(*) FROM pg_stat_activity WHERE {mine}")
+            pool = self.bouncer.pool()
+            servers = sum(int(pool.get(k, 0)) for k in SERVER_STATES)
+            with self.tally.lock:
+                self.tally.max_backends = max(self.tally.max_backends, n)
+                self.tally.max_servers = max(self.tally.max_servers, servers)
+                waiting = int(pool.get("cl_waiting", 0))
+                self.tally.max_client_waiting = max(self.tally.max_client_waiting, waiting)
+            return
         rows = self._backends(
             "SELECT application_name, count(*), count(*) FILTER (WHERE "
             "state = 'active' AND query LIKE 'SELECT pg_sleep%') "
-            "FROM pg_stat_activity WHERE application_name LIKE :p GROUP BY application_name"
+            "FROM pg_stat_activity WHERE {mine} GROUP BY application_name"
         )
         with self.tally.lock:
             for name, n, abandoned in rows:
@@ -349,6 +441,7 @@ class Soak:
         budget = self.tally.budget
         kills_at = [budget * i // 24 for i in range(1, 24)]
         hup_at, restart_at = budget * 3 // 10, budget * 6 // 10
+        pause_at = budget * 45 // 100 if self.bouncer is not None else 0
         while not stop.is_set():
             done = self.tally.done()
             self._sample_connections()
@@ -363,6 +456,9 @@ class Soak:
                 hup_at = 0
                 self.servers[-1].proc.send_signal(signal.SIGHUP)
                 self.tally.faults["SIGHUP reload"] += 1
+            if pause_at and done >= pause_at:
+                pause_at = 0
+                self._outage()
             if restart_at and done >= restart_at:
                 restart_at = 0
                 code = self.servers[-1].stop(signal.SIGTERM)
@@ -372,6 +468,23 @@ class Soak:
                         self.tally.unexpected.append(f"master exited {code} on SIGTERM")
                 self.start()
             stop.wait(0.1)
+
+    def _outage(self) -> None:
+        """The database goes away for PAUSE_SECONDS (PgBouncer PAUSE), then comes back."""
+        assert self.bouncer is not None
+        # PAUSE returns once the transactions in flight have ended; from then on every
+        # query waits in PgBouncer. The outage's window starts there.
+        self.bouncer.pause()
+        with self.tally.lock:
+            self.tally.paused_at = time.monotonic()
+        end = time.monotonic() + PAUSE_SECONDS
+        while time.monotonic() < end:
+            self._sample_connections()
+            time.sleep(0.1)
+        self.bouncer.resume()
+        with self.tally.lock:
+            self.tally.resumed_at = time.monotonic()
+        self.tally.faults[OUTAGE] += 1
 
     # -- the run --------------------------------------------------------------------
 
@@ -387,8 +500,16 @@ class Soak:
             self.admin.dispose()
 
     def _run(self, progress: bool) -> dict[str, Any]:
-        started = time.monotonic()
         self.start()
+        return self._run_load(progress)
+
+    def stop_all(self) -> int:
+        """Stop the serving gunicorn (SIGTERM, graceful); return its exit status."""
+        return self.servers[-1].stop(signal.SIGTERM)
+
+    def _run_load(self, progress: bool) -> dict[str, Any]:
+        """Clients and faults until the budget is spent, then the audits (servers up)."""
+        started = time.monotonic()
         clients = [
             SoakClient(self.tally, self.port, self.run_id, self.seed * 1000 + i)
             for i in range(self.profile["clients"])
@@ -411,8 +532,7 @@ class Soak:
         idle = self.idle_audit()
         for c in clients:
             c.close()
-        final_server = self.servers[-1]
-        exit_status = final_server.stop(signal.SIGTERM)
+        exit_status = self.stop_all()
         after = self.after_exit_audit()
         rows = self.table_audit()
         figures = self.figures(idle, after, rows, load_seconds, exit_status)
@@ -441,9 +561,13 @@ class Soak:
         pids = set(self.worker_pids())
         [(idle_in_tx, total)] = self._backends(
             "SELECT count(*) FILTER (WHERE state LIKE 'idle in transaction%'), "
-            "count(*) FROM pg_stat_activity WHERE application_name LIKE :p"
+            "count(*) FROM pg_stat_activity WHERE {mine}"
         )
+        pool = self.bouncer.pool() if self.bouncer is not None else {}
+        servers = self.bouncer.show("SERVERS") if self.bouncer is not None else []
         return {
+            "pgbouncer_cl_waiting": pool.get("cl_waiting", 0),
+            "pgbouncer_servers_active": sum(r["state"] == "active" for r in servers),
             "workers_seen": sorted(p for p in seen if p in pids),
             "workers": sorted(pids),
             "checkedout": sum(seen[p]["checkedout"] for p in pids if p in seen),
@@ -453,18 +577,24 @@ class Soak:
         }
 
     def after_exit_audit(self) -> dict[str, Any]:
-        started = {p.name.split("-", 1)[1] for p in self.reports.glob("started-*")}
-        exits = [json.loads(p.read_text()) for p in self.reports.glob("exit-*.json")]
+        return self.after_exit_audit_of([self.reports])
+
+    def after_exit_audit_of(self, dirs: list[Path]) -> dict[str, Any]:
+        """What the workers that reported into ``dirs`` said at exit, and what is left."""
+        started = {p.name.split("-", 1)[1] for d in dirs for p in d.glob("started-*")}
+        exits = [json.loads(p.read_text()) for d in dirs for p in d.glob("exit-*.json")]
         total: Counter[str] = Counter()
         counters: Counter[str] = Counter()
         for report in exits:
             total.update(report["greenscope"])
             counters.update(report["counters"])
-        # A backend ends a moment after its client closed the socket: give it 5 s.
+        # A backend ends a moment after its client closed the socket: give it 5 s. Through
+        # PgBouncer, its idle server connections stay pooled: only busy ones count.
+        busy = " AND state <> 'idle'" if self.bouncer is not None else ""
         end = time.monotonic() + 5
         while True:
             [(left,)] = self._backends(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE :p"
+                f"SELECT count(*) FROM pg_stat_activity WHERE {{mine}}{busy}"
             )
             if left == 0 or time.monotonic() > end:
                 break
@@ -519,7 +649,7 @@ class Soak:
         counters = after["counters"]
         faults = dict(t.faults)
         # Started for other reasons: the first workers, the reload's, the restart's.
-        faults["max_requests recycles"] = max(0, after["workers_started"] - WORKERS * 3)
+        faults["max_requests recycles"] = max(0, after["workers_started"] - self.expected_boots)
         faults["raised (500 after flush)"] = counters.get("deliberate_failures", 0)
         faults["forgotten commits"] = kinds["forget"]
         faults["gevent.Timeout caught (504)"] = kinds["timeout"]
@@ -527,7 +657,25 @@ class Soak:
         faults["orphaned greenlets (no commit, no remove)"] = kinds["orphan"]
         faults["hang-ups mid-request"] = kinds["hangup_request"]
         faults["hang-ups mid-stream"] = kinds["hangup_stream"]
+        paused = t.paused_outcomes
         return {
+            "pgbouncer": self.bouncer is not None,
+            "pgbouncer_pool_size": self.bouncer.pool_size if self.bouncer else 0,
+            "client_pools_add_up_to": WORKERS * POOL_CAP,
+            "max_client_waiting": t.max_client_waiting,
+            "max_pgbouncer_servers": t.max_servers,
+            "idle_pgbouncer_cl_waiting": idle.get("pgbouncer_cl_waiting", 0),
+            "idle_pgbouncer_servers_active": idle.get("pgbouncer_servers_active", 0),
+            "outage_answers": dict(sorted(paused.items())),
+            "outage_failed_fast": sum(paused[k] for k in ("503", "504")),
+            "outage_max_latency": round(t.paused_max_latency, 2),
+            "recovery_seconds": (
+                None if t.first_ack_after_resume is None else round(t.first_ack_after_resume, 2)
+            ),
+            "deadline": DEADLINE,
+            "foreign_answers": t.foreign_answers,
+            "client_retries": t.client_retries,
+            "replayed": t.replayed,
             "requests": sum(kinds.values()),
             "seconds": round(seconds, 1),
             "outcomes": dict(sorted(t.outcomes.items())),
@@ -607,10 +755,64 @@ def verdict(f: dict[str, Any], budget: int) -> list[str]:
         (f["reaped"] > 0, "no orphan was reaped"),
         (all(n > 0 for n in f["faults"].values()), "a fault was never injected"),
     ]
+    checks.append(
+        (f["foreign_answers"] == 0, f"{f['foreign_answers']} answers saw another's objects")
+    )
+    if f["pgbouncer"]:
+        checks += [
+            (
+                f["max_pgbouncer_servers"] <= f["pgbouncer_pool_size"],
+                f"{f['max_pgbouncer_servers']} server connections, more than PgBouncer's pool",
+            ),
+            (f["idle_pgbouncer_cl_waiting"] == 0, "clients still waiting in PgBouncer"),
+            (f["idle_pgbouncer_servers_active"] == 0, "PgBouncer server connections active"),
+        ]
+    if f["faults"].get(OUTAGE):
+        allowed = {"503", "504", "202", "hung-up"}  # and drops: a stream cut mid-body
+        odd = {k: n for k, n in f["outage_answers"].items() if k not in allowed}
+        odd = {k: n for k, n in odd.items() if not k.startswith("dropped")}
+        checks += [
+            (f["outage_failed_fast"] > 0, "no request failed fast during the outage"),
+            (not odd, f"answers during the outage other than 503/504: {odd}"),
+            (
+                f["outage_max_latency"] <= f["deadline"] + 2,
+                f"a request took {f['outage_max_latency']} s during the outage",
+            ),
+            (
+                f["recovery_seconds"] is not None and f["recovery_seconds"] <= 10,
+                f"no recovery within 10 s of RESUME ({f['recovery_seconds']})",
+            ),
+        ]
     for ok, message in checks:
         if not ok:
             problems.append(message)
     return problems
+
+
+Row = Any  # print_figures' row(label, value, target="")
+
+
+def _print_connections(f: dict[str, Any], row: Row) -> None:
+    if f["pgbouncer"]:
+        row("client pools (workers x pool_size+max_overflow)", f["client_pools_add_up_to"])
+        row("PgBouncer pool (server connections)", f["pgbouncer_pool_size"])
+        row("max server connections at any sample", f["max_pgbouncer_servers"], "<= its pool")
+        row("  + backends PgBouncer dropped, still ending", f["max_backends_per_worker"])
+        row("max clients waiting in PgBouncer", f["max_client_waiting"])
+        row("clients idle: waiting in PgBouncer", f["idle_pgbouncer_cl_waiting"], "must be 0")
+        row("clients idle: server connections active", f["idle_pgbouncer_servers_active"], "0")
+    else:
+        row("max held per worker at any sample", f["max_connections_per_worker"])
+        row("  + backends of cut-short queries", f["max_backends_per_worker"])
+        row("pool limit per worker (pool_size+max_overflow)", f["pool_cap_per_worker"])
+
+
+def _print_outage(f: dict[str, Any], row: Row) -> None:
+    print(f"database outage: PgBouncer PAUSE for {PAUSE_SECONDS:g} s, deadline {DEADLINE:g} s")
+    row("answers during the outage", f["outage_answers"])
+    row("  failed fast (503, 504)", f["outage_failed_fast"], "must be > 0")
+    row("  slowest answer (s)", f["outage_max_latency"], f"<= {DEADLINE + 2:g}")
+    row("recovery: RESUME to the first 201 (s)", f["recovery_seconds"], "<= 10")
 
 
 def print_figures(f: dict[str, Any], problems: list[str], *, control: bool = False) -> None:
@@ -636,10 +838,9 @@ def print_figures(f: dict[str, Any], problems: list[str], *, control: bool = Fal
     row("writes never answered, or 503 (commit unknown)", f["unanswered_writes"])
     row("  of which stored (either is correct)", f["unanswered_writes_stored"])
     row("requests that saw another's objects", f["saw_foreign"], "must be 0")
+    row("answers that said they saw another's objects", f["foreign_answers"], "must be 0")
     print("connections")
-    row("max held per worker at any sample", f["max_connections_per_worker"])
-    row("  + backends of cut-short queries", f["max_backends_per_worker"])
-    row("pool limit per worker (pool_size+max_overflow)", f["pool_cap_per_worker"])
+    _print_connections(f, row)
     row("clients idle: connections open", f["idle_connections"])
     row("clients idle: idle in transaction", f["idle_in_transaction"], "must be 0")
     row("clients idle: checked out", f["idle_checkedout"], "must be 0")
@@ -653,6 +854,8 @@ def print_figures(f: dict[str, Any], problems: list[str], *, control: bool = Fal
     balanced = f["created"] == f["removed"] + f["reaped"] + f["live_at_exit"]
     row("created = removed + reaped + live", "yes" if balanced else "NO")
     row("closes that failed (logged)", f["failed_closes"])
+    if f["faults"].get(OUTAGE):
+        _print_outage(f, row)
     if f["unexpected_first"]:
         print("first unexpected answers:")
         for line in f["unexpected_first"]:
@@ -678,6 +881,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="random seed of the request mix")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--keep-logs", metavar="DIR", help="copy the server logs to DIR")
+    parser.add_argument(
+        "--pgbouncer",
+        action="store_true",
+        help=f"through PgBouncer in transaction mode (a pool of {PGBOUNCER_POOL} for the "
+        f"workers' {WORKERS} x {POOL_CAP}), with a {PAUSE_SECONDS:g} s database outage "
+        "(PAUSE) and PgBouncer's view in the audit; needs Debian's pgbouncer",
+    )
     parser.add_argument(
         "--control",
         action="store_true",
@@ -706,19 +916,32 @@ def main(argv: list[str] | None = None) -> int:
         f"{WORKERS} workers, max_requests {profile['max_requests']}",
         file=sys.stderr,
     )
+    if args.pgbouncer and pgbouncer.available() is None:
+        parser.error("--pgbouncer needs pgbouncer: apt-get install -y pgbouncer")
+    return _run(args, profile, url)
+
+
+def _run(args: argparse.Namespace, profile: dict[str, int], url: str) -> int:
     with tempfile.TemporaryDirectory(prefix="greenscope-soak-") as workdir:
         worker = "gevent" if args.control else "greenscope.gunicorn.GeventWorker"
-        soak = Soak(url, profile, workdir, args.seed, worker)
+        bouncer = None
+        if args.pgbouncer:
+            bouncer = pgbouncer.PgBouncer(url, workdir, pool_size=PGBOUNCER_POOL).start()
+        soak = Soak(url, profile, workdir, args.seed, worker_class=worker, bouncer=bouncer)
         try:
             figures = soak.run(progress=not args.json)
         except KeyboardInterrupt:
             print("\ninterrupted: server stopped, soak table dropped", file=sys.stderr)
             return 130
         finally:
+            if bouncer is not None:
+                bouncer.stop()
             if args.keep_logs:
                 Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
                 for server in soak.servers:
                     shutil.copy(server.log_path, args.keep_logs)
+                if bouncer is not None:
+                    (Path(args.keep_logs) / "pgbouncer.log").write_text(bouncer.log())
     problems = verdict(figures, profile["requests"])
     if args.json:
         print(json.dumps({**figures, "problems": problems}, indent=2))
