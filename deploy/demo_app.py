@@ -123,6 +123,8 @@ POOL = {
 PGBOUNCER = bool(os.environ.get("GREENSCOPE_DEMO_PGBOUNCER"))
 DEADLINE = float(os.environ.get("GREENSCOPE_DEMO_DEADLINE") or 0) or None
 CONNECT_TIMEOUT = int(os.environ.get("GREENSCOPE_DEMO_CONNECT_TIMEOUT", "5"))
+# Only the fleet soak lets `/write?crash=after_commit` kill a worker (see _crash).
+CRASH_DIR = os.environ.get("GREENSCOPE_DEMO_CRASH_DIR", "")
 
 
 def make_engine(url: str = DATABASE_URL) -> Engine:
@@ -290,9 +292,17 @@ def _write(query: Query, start_response: StartResponse) -> Iterable[bytes]:
             start_response, "201 Created", {"id": stored.id, "key": key, "replayed": True}
         )
     item_id = item.id  # read before the commit: nothing after it may fail the request
-    return _commit(session, start_response, key) or _respond(
-        start_response, "201 Created", {"id": item_id, "key": key}
-    )
+    unknown = _commit(session, start_response, key)
+    if unknown is None and query.get("crash") == ["after_commit"] and CRASH_DIR:
+        _crash()
+    return unknown or _respond(start_response, "201 Created", {"id": item_id, "key": key})
+
+
+def _crash() -> None:
+    """The worker dies right after a COMMIT, before answering (an OOM kill, a segfault):
+    the fleet soak's test of retries. Its soak directory learns why it never reported."""
+    (Path(CRASH_DIR) / f"crashed-{os.getpid()}").touch()
+    os._exit(1)
 
 
 def _fail(query: Query, start_response: StartResponse) -> Iterable[bytes]:

@@ -146,6 +146,8 @@ class Tally:
     retry_writes: bool = False  # retry an unknown write once, with the same key
     client_retries: int = 0
     replayed: int = 0  # writes answered 201 as a replay of a stored key
+    crash_replays: int = 0  # of which: the fleet soak's crash after COMMIT, retried
+    crash_outcomes: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self) -> int | None:
@@ -582,6 +584,8 @@ class Soak:
     def after_exit_audit_of(self, dirs: list[Path]) -> dict[str, Any]:
         """What the workers that reported into ``dirs`` said at exit, and what is left."""
         started = {p.name.split("-", 1)[1] for d in dirs for p in d.glob("started-*")}
+        crashed = {p.name.split("-", 1)[1] for d in dirs for p in d.glob("crashed-*")}
+        started -= crashed  # died on purpose (the fleet soak's crash after COMMIT)
         exits = [json.loads(p.read_text()) for d in dirs for p in d.glob("exit-*.json")]
         total: Counter[str] = Counter()
         counters: Counter[str] = Counter()
