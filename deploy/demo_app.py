@@ -45,7 +45,8 @@ Endpoints (``key`` is a unique string the client picks, so it can audit the tabl
 ``POST /forget?key=K``     insert and *forget to commit*: 200, must leave nothing behind
 ``GET /stream?n=N``        a streamed body of N chunks, reading between chunks
 ``POST /background?key=K`` 202; a background greenlet inserts and commits K
-``GET /slow?key=K``        insert, commit after 0.5 s: a request to have in flight
+``GET /slow?key=K``        insert, commit after 0.5 s: a request to have in flight;
+                           idempotent by its key, as ``/write``
 ``POST /timeout?key=K``    insert, flush, then a query cut short by ``gevent.Timeout``:
                            504, or with ``&escape=1`` the Timeout escapes the app
                            (gunicorn answers 500); never stored
@@ -273,24 +274,38 @@ def _commit(
     return None
 
 
+def _flush_or_replay(
+    session: sqlalchemy.orm.Session, key: str, kind: str, start_response: StartResponse
+) -> Iterable[bytes] | None:
+    """Flush the new row; if its key is stored already, answer as the first time did.
+
+    A stored key is a retry of a write that was committed (its answer lost, or a load
+    balancer sent it again after the host hung up): idempotent, the same answer and
+    nothing stored twice. Every endpoint that commits needs this, not only /write: a
+    balancer retries whatever request a host hung up on. Another kind's key is a client
+    error.
+    """
+    try:
+        session.flush()
+    except sqlalchemy.exc.IntegrityError:
+        session.rollback()
+        stored = session.scalar(select(Item).where(Item.key == key))
+        if stored is None or stored.kind != kind:
+            return _respond(start_response, "409 Conflict", {"key": key})
+        return _respond(
+            start_response, "201 Created", {"id": stored.id, "key": key, "replayed": True}
+        )
+    return None
+
+
 def _write(query: Query, start_response: StartResponse) -> Iterable[bytes]:
     key = query["key"][0]
     session = _check_isolation()
     item = Item(key=key, kind="write")
     session.add(item)
-    try:
-        session.flush()
-    except sqlalchemy.exc.IntegrityError:
-        # The key is stored already: a retry of a write that was committed (its answer
-        # lost, or a load balancer sent it again). Idempotent: the same answer, nothing
-        # stored twice. Another kind's key is a client error.
-        session.rollback()
-        stored = session.scalar(select(Item).where(Item.key == key))
-        if stored is None or stored.kind != "write":
-            return _respond(start_response, "409 Conflict", {"key": key})
-        return _respond(
-            start_response, "201 Created", {"id": stored.id, "key": key, "replayed": True}
-        )
+    replayed = _flush_or_replay(session, key, "write", start_response)
+    if replayed is not None:
+        return replayed
     item_id = item.id  # read before the commit: nothing after it may fail the request
     unknown = _commit(session, start_response, key)
     if unknown is None and query.get("crash") == ["after_commit"] and CRASH_DIR:
@@ -344,9 +359,15 @@ def _slow(query: Query, start_response: StartResponse) -> Iterable[bytes]:
     key = query["key"][0]
     session = _check_isolation()
     session.add(Item(key=key, kind="slow"))
-    if engine.dialect.name != "sqlite":
-        session.flush()
+    if engine.dialect.name != "sqlite":  # SQLite: no write lock held across the sleep
+        replayed = _flush_or_replay(session, key, "slow", start_response)
+        if replayed is not None:
+            return replayed
     gevent.sleep(0.5)
+    if engine.dialect.name == "sqlite":
+        replayed = _flush_or_replay(session, key, "slow", start_response)
+        if replayed is not None:
+            return replayed
     unknown = _commit(session, start_response, key)
     if unknown is not None:
         return unknown

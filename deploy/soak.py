@@ -148,6 +148,7 @@ class Tally:
     replayed: int = 0  # writes answered 201 as a replay of a stored key
     crash_replays: int = 0  # of which: the fleet soak's crash after COMMIT, retried
     crash_outcomes: Counter[str] = field(default_factory=Counter)
+    seen: dict[str, str] = field(default_factory=dict)  # key -> "kind outcome", for reports
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self) -> int | None:
@@ -302,6 +303,7 @@ class SoakClient(threading.Thread):
 
     def _judge(self, kind: str, key: str, outcome: str, *, expected: bool = True) -> None:
         t = self.tally
+        t.seen[key] = f"{kind} {outcome}"
         if kind in NEVER_STORED:
             t.never_stored.add(key)
         if kind in WRITES:
@@ -692,7 +694,7 @@ class Soak:
             "stored_twice": len(rows["twice"]),
             "failed_or_never_stored_keys": len(t.never_stored | t.failed_writes),
             "leaked": len(rows["leaked"]),
-            "leaked_first": rows["leaked"][:8],
+            "leaked_first": [f"{k} ({t.seen.get(k, '?')})" for k in rows["leaked"][:8]],
             "unanswered_writes": len(t.unknown_writes),
             "unanswered_writes_stored": rows["unknown_stored"],
             "saw_foreign": counters.get("saw_foreign", 0),
@@ -819,6 +821,17 @@ def _print_outage(f: dict[str, Any], row: Row) -> None:
     row("recovery: RESUME to the first 201 (s)", f["recovery_seconds"], "<= 10")
 
 
+def _print_examples(f: dict[str, Any]) -> None:
+    if f["leaked_first"]:
+        print("stored although they must not be (kind, answer):")
+        for line in f["leaked_first"]:
+            print(f"    {line}")
+    if f["unexpected_first"]:
+        print("first unexpected answers:")
+        for line in f["unexpected_first"]:
+            print(f"    {line}")
+
+
 def print_figures(f: dict[str, Any], problems: list[str], *, control: bool = False) -> None:
     def row(label: str, value: Any, target: str = "") -> None:
         print(f"  {label:<46} {value!s:>10}  {target}")
@@ -860,10 +873,7 @@ def print_figures(f: dict[str, Any], problems: list[str], *, control: bool = Fal
     row("closes that failed (logged)", f["failed_closes"])
     if f["faults"].get(OUTAGE):
         _print_outage(f, row)
-    if f["unexpected_first"]:
-        print("first unexpected answers:")
-        for line in f["unexpected_first"]:
-            print(f"    {line}")
+    _print_examples(f)
     if f["log_errors"]:
         print("most frequent errors in the server logs:")
         for line in f["log_errors"]:

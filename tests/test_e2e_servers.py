@@ -289,3 +289,40 @@ def test_flask_example_under_gunicorn(tmp_path: Path) -> None:
     assert sessions["created"] == sessions["removed"] + sessions["reaped"]
     assert sessions["reaped"] == 0  # every Session was removed by a teardown
     assert code == 0, server.log()
+
+
+def test_a_write_sent_again_is_answered_as_before_and_stored_once(
+    database: Database, tmp_path: Path
+) -> None:
+    """Idempotency keys: a retried /write or /slow (a balancer's retry) stores nothing twice."""
+    port = loadgen.free_port()
+    server = loadgen.Server(
+        gunicorn_argv(VARIANTS[0], port), port, demo_env(database, "greenscope"), str(tmp_path)
+    )
+    client = loadgen.Client(port)
+    try:
+        answers = [
+            client.request(method, path)[:2]
+            for method, path in [
+                ("POST", "/write?key=w"),
+                ("POST", "/write?key=w"),
+                ("GET", "/slow?key=s"),
+                ("GET", "/slow?key=s"),
+                ("GET", "/slow?key=w"),  # another kind's key: a client error
+            ]
+        ]
+    finally:
+        client.close()
+        server.stop()
+    statuses = [status for status, _ in answers]
+    assert statuses == [201, 201, 201, 201, 409], answers
+    assert b'"replayed": true' not in answers[0][1]
+    assert b'"replayed": true' in answers[1][1]
+    assert b'"replayed": true' in answers[3][1]
+    from sqlalchemy import create_engine, text  # noqa: PLC0415
+
+    engine = create_engine(database.url)
+    with engine.connect() as conn:
+        rows = conn.execute(text(f"SELECT key, count(*) FROM {database.table} GROUP BY key"))
+        assert dict(rows.all()) == {"w": 1, "s": 1}
+    engine.dispose()
