@@ -347,6 +347,7 @@ class Soak:
         self.port = loadgen.free_port()
         self.tally = Tally(budget=profile["requests"])
         self.expected_boots = WORKERS * 3  # the first workers, the reload's, the restart's
+        self.client_pool_slots = WORKERS * POOL_CAP  # what the workers' pools add up to
         self.admin = create_engine(url, poolclass=NullPool)
         self.servers: list[loadgen.Server] = []
         # Which backends are the soak's: by application name, or through PgBouncer by the
@@ -667,7 +668,7 @@ class Soak:
         return {
             "pgbouncer": self.bouncer is not None,
             "pgbouncer_pool_size": self.bouncer.pool_size if self.bouncer else 0,
-            "client_pools_add_up_to": WORKERS * POOL_CAP,
+            "client_pools_add_up_to": self.client_pool_slots,
             "max_client_waiting": t.max_client_waiting,
             "max_pgbouncer_servers": t.max_servers,
             "idle_pgbouncer_cl_waiting": idle.get("pgbouncer_cl_waiting", 0),
@@ -800,7 +801,7 @@ Row = Any  # print_figures' row(label, value, target="")
 
 def _print_connections(f: dict[str, Any], row: Row) -> None:
     if f["pgbouncer"]:
-        row("client pools (workers x pool_size+max_overflow)", f["client_pools_add_up_to"])
+        row("client pools (all workers' pool_size+max_overflow)", f["client_pools_add_up_to"])
         row("PgBouncer pool (server connections)", f["pgbouncer_pool_size"])
         row("max server connections at any sample", f["max_pgbouncer_servers"], "<= its pool")
         row("  + backends PgBouncer dropped, still ending", f["max_backends_per_worker"])

@@ -229,6 +229,7 @@ class Fleet(soak.Soak):
         # Boots that are not max_requests recycles: the first workers of the hosts that
         # are not killed, the killed host's restart, host 2's reload.
         self.expected_boots = (HOSTS + 1) * WORKERS
+        self.client_pool_slots = HOSTS * WORKERS * soak.POOL_CAP
         self.tally.retry_writes = True
         self.hosts: list[loadgen.Server | None] = [None] * HOSTS
         self.incarnations = [0] * HOSTS
