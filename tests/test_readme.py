@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+DOCTOR_PAGE = README.parent / "docs" / "doctor.md"
 
 
 def _any_address(text: str) -> str:
@@ -38,10 +39,12 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
 
 
 def test_doctor_output_in_the_readme_is_what_it_prints() -> None:
-    """Each `python -m greenscope doctor` session shown in the README runs and prints that."""
-    sessions = re.findall(r"```console\n\$ (.*?)\n(.*?)```", README.read_text(), re.DOTALL)
+    """Each doctor session shown (the README's healthy one, the doctor page's broken one)
+    runs and prints that."""
+    text = README.read_text() + DOCTOR_PAGE.read_text()
+    sessions = re.findall(r"```console\n\$ (.*?)\n(.*?)```", text, re.DOTALL)
     sessions = [(cmd, out) for cmd, out in sessions if "greenscope doctor" in cmd]
-    assert len(sessions) == 2, "the README shows a healthy and a broken setup"
+    assert len(sessions) == 2, "a healthy setup (README) and a broken one (docs/doctor.md)"
     for command, shown in sessions:
         proc = subprocess.run(
             ["bash", "-c", command.replace("python -m", f"{sys.executable} -m")],
