@@ -72,6 +72,7 @@ __all__ = [
     "in_hub",
     "pending",
     "prepare",
+    "prepared",
     "settings",
     "shutdown_sockets",
     "submit",
@@ -613,6 +614,7 @@ class _ThreadReaper:
         with self.lock:
             self.workers -= 1
             self.stuck += 1
+        prepared.done = False  # if no replacement starts, the next prepare() tries again
         self._grow()  # a replacement takes over the queue at once
         return False  # a thread cannot be interrupted: nobody waits for it any more
 
@@ -645,18 +647,31 @@ _IDLE_EXIT = 5.0
 _thread_reaper = _ThreadReaper()
 
 
+class _Prepared:
+    """``done``: both cleanup threads run; callers skip :func:`prepare` (a Python call)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+
+prepared = _Prepared()
+
+
 def prepare() -> None:
     """Called when a greenlet first registers a value: make sure every cleanup path exists.
 
     The thread reaper is the fallback of every owner (a hub can be destroyed before its
     greenlets are freed), and the watchdog guards every job, so both are started here,
-    in ordinary code, keeping thread creation out of callbacks. Cost after the first
-    call: two attribute checks.
+    in ordinary code, keeping thread creation out of callbacks. Callers on a hot path
+    check ``prepared.done`` first; it is reset when a fork loses the threads.
     """
     if not _watchdog.started:
         _watchdog.ensure_started()
     if not _thread_reaper.started:
         _thread_reaper.ensure_started()
+    prepared.done = _watchdog.started and _thread_reaper.started
 
 
 def add_periodic(task: Callable[[], None]) -> None:
@@ -879,6 +894,7 @@ def _after_fork_in_child() -> None:
     _pending.count = 0
     _claims.clear()
     _thread_reaper.reset()
+    prepared.done = False  # the threads did not come along
     periodic = _watchdog.periodic
     _watchdog.reset()
     _watchdog.periodic = periodic

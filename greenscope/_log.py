@@ -42,8 +42,14 @@ class RateLimited:
         self.sources: Counter[str] = Counter()
         _cleanup.add_periodic(self.flush)
 
-    def warn(self, source: str, msg: str, *args: object) -> None:
-        """Log ``msg % args`` in full, or count it (by ``source``) for the next summary."""
+    def warn(self, source: object, msg: str, *args: object) -> None:
+        """Log ``msg % args`` in full, or count it (by ``str(source)``) for the next summary.
+
+        Nothing at all when WARNINGs of the ``greenscope`` logger are off: the counters
+        that matter are greenscope's own, and a summary would not be logged either.
+        """
+        if not logger.isEnabledFor(logging.WARNING):
+            return
         self.flush()
         with self.lock:
             full = self.logged < self.limit()
@@ -51,7 +57,7 @@ class RateLimited:
                 self.logged += 1
             else:
                 self.suppressed += 1
-                self.sources[_VARYING.sub("N", source)] += 1
+                self.sources[_VARYING.sub("N", str(source))] += 1
         if full:
             logger.warning(msg, *args)
 

@@ -5,9 +5,14 @@ The data structure, for one greenlet ``g`` with values in two registries R1 and 
     g.__dict__ ──"greenscope:R1"──> value1        (the hit path reads only this)
                ──"greenscope:R2"──> value2
                ──"greenscope:watch"──> _Watch ──ref──┄┄> g   (weak; callback _owner_freed)
-                                          └─values─> {R1: value1, R2: value2}   (strong)
-    _LIVE: {id(watch.ref): watch}   only while watch.values is not empty
-    R1._owners: {watch, ...}        the watches holding a value of R1 (live count)
+                                          ├─r1, v1──> R1, value1       (strong: the first)
+                                          └─more───> {R2: value2}      (strong: any others)
+    _LIVE: {watch, ...}             only while the watch holds a value (watch.ref.watch
+                                    leads its callback back to it)
+    R1._live: int                   how many watches hold a value of R1
+
+Most greenlets use one registry: its pair sits in two slots of the watch, and a dict is
+made only for a second registry (memory per live entry: benchmarks/).
 
 Invariants:
 
@@ -16,9 +21,10 @@ Invariants:
   the *current* greenlet stored: a new greenlet that reuses a dead one's ``id()`` starts
   with an empty ``__dict__``. Contexts (``contextvars``) play no part, so a greenlet or
   thread running in a copied context never sees another's value.
-* ``watch.values`` mirrors the ``greenscope:R*`` keys while the greenlet lives. It is what
-  cleanup closes after the greenlet's dict is gone; ``_LIVE`` keeps the watch (and thus
-  its weakref and callback) alive for exactly as long as there is something to close.
+* The watch's values (``r1``/``v1`` and ``more``) mirror the ``greenscope:R*`` keys while
+  the greenlet lives. They are what cleanup closes after the greenlet's dict is gone;
+  ``_LIVE`` keeps the watch (and thus its weakref and callback) alive for exactly as long
+  as there is something to close.
 * A greenlet ends in one of three ways we hear of: a ``gevent.Greenlet`` notifies its
   ``rawlink`` callbacks at completion (even if the object is still referenced); any
   greenlet's weakref callback runs when it is freed; and a native thread's main
@@ -80,8 +86,9 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
 
 # Every GreenletRegistry of the process, weakly: for stats() and close_all().
 _REGISTRIES: weakref.WeakSet[GreenletRegistry[Any]] = weakref.WeakSet()
-# Watches holding at least one value, by id() of their weakref (alive while listed).
-_LIVE: dict[int, _Watch] = {}
+# Watches holding at least one value (alive while listed). A set of the watches
+# themselves: keyed by id() of their weakref, each entry also held an int.
+_LIVE: set[_Watch] = set()
 
 
 class _Shutdown:
@@ -140,6 +147,20 @@ class RegistryStats:
         )
 
 
+class _Lazy:
+    """A log argument built only if the line is logged (``%s`` calls ``str()``)."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], str]) -> None:
+        self.make = make
+
+    def __str__(self) -> str:
+        return self.make()
+
+    __repr__ = __str__  # handlers and filters that read record.args see the text too
+
+
 def _describe(kind: str, gid: int, name: str | None = None) -> str:
     """A name for log lines: built only when a line is logged (it costs microseconds)."""
     label = f"{kind} {name!r}" if name else kind
@@ -156,16 +177,23 @@ class _Watch:
         "hub",
         "kind",
         "main",
+        "more",
         "name",
+        "r1",
         "rawlinked",
         "ref",
         "thread",
-        "values",
+        "v1",
     )
 
-    def __init__(self, g: RawGreenlet) -> None:
-        self.ref = weakref.ref(g, _owner_freed)
-        self.values: dict[GreenletRegistry[Any], Any] = {}
+    def __init__(self, g: RawGreenlet, hub: Any) -> None:
+        # ref.watch leads the callback back here while the watch holds values (set by
+        # _store, reset when they go): no reference cycle outlives them.
+        self.ref = ref = _Ref(g, _owner_freed)
+        ref.watch = None
+        self.r1: GreenletRegistry[Any] | None = None  # the first registry's value...
+        self.v1: Any = None
+        self.more: dict[GreenletRegistry[Any], Any] | None = None  # ...and the others
         # For log lines, kept raw: formatting them (and gevent's lazy Greenlet.name) would
         # cost more than the rest of this constructor; see owner.
         self.kind = type(g).__qualname__
@@ -176,9 +204,7 @@ class _Watch:
         # Where cleanup must run: the owner's thread, in its hub's greenlets if it has one
         # by then (submit() looks again, since a hub may be created after this).
         self.thread = _cleanup.get_ident()
-        hub = _cleanup.hub_if_exists()
         self.hub = weakref.ref(hub) if hub is not None else None  # hubs are greenlets too
-        _cleanup.prepare()
         if self.main:
             # A thread's main greenlet may outlive its thread (kept by a hub's cycle):
             # its thread's end is its death.
@@ -188,8 +214,8 @@ class _Watch:
             # Completion, not deallocation: a kept spawn() handle or a Pool must not keep
             # a finished greenlet's Session (and its pool connection) open.
             gevent_greenlet: Any = g
-            gevent_greenlet.rawlink(self._completed)
-            self.rawlinked = True
+            gevent_greenlet.rawlink(_on_completion)  # a function, not a bound method: no
+            self.rawlinked = True  # allocation per greenlet; it finds the watch in g
 
     @property
     def owner(self) -> str:
@@ -198,9 +224,47 @@ class _Watch:
             return f"the main greenlet of thread {self.thread:#x}"
         return _describe(self.kind, self.gid, self.name) + self.how
 
+    # -- the values: one registry in slots, more in a dict --------------------------------
+
+    def put(self, registry: GreenletRegistry[Any], value: Any) -> bool:
+        """Hold ``value`` for ``registry``; True if the watch held none for it before."""
+        if self.r1 is None or self.r1 is registry:
+            new = self.r1 is None
+            self.r1, self.v1 = registry, value
+            return new
+        more = self.more
+        if more is None:
+            more = self.more = {}
+        new = registry not in more
+        more[registry] = value
+        return new
+
+    def drop(self, registry: GreenletRegistry[Any]) -> bool:
+        """Let go of ``registry``'s value; False if the watch held none (taken meanwhile)."""
+        if self.r1 is registry:
+            if self.more:  # keep the oldest first: the next one moves into the slots
+                first = next(iter(self.more))
+                self.r1, self.v1 = first, self.more.pop(first)
+            else:
+                self.r1 = self.v1 = None
+            return True
+        if self.more is not None:
+            return self.more.pop(registry, _MISSING) is not _MISSING
+        return False
+
+    def empty(self) -> bool:
+        return self.r1 is None and not self.more
+
+    def items(self) -> list[tuple[GreenletRegistry[Any], Any]]:
+        """(registry, value) pairs, oldest registry first."""
+        pairs = [] if self.r1 is None else [(self.r1, self.v1)]
+        if self.more:
+            pairs.extend(self.more.items())
+        return pairs
+
     def _completed(self, g: Any) -> None:
         # In the hub: no I/O, no logging, must not raise.
-        if not self.values:
+        if self.empty():
             return  # removed already: nothing to name or close
         if g.exception is not None:
             self.how = " (raised)"
@@ -224,13 +288,17 @@ class _Watch:
         """Unregister every value (from ``_LIVE``, the registries and the greenlet's dict
         while it exists) and return them; empty if another caller took them first.
         Any context: dict and set operations only."""
-        if _LIVE.pop(id(self.ref), None) is None:
+        try:
+            _LIVE.remove(self)  # atomic: of two racing callers, one gets the values
+        except KeyError:
             return {}
-        values, self.values = self.values, {}
+        self.ref.watch = None
+        values = dict(self.items())
+        self.r1 = self.v1 = self.more = None
         g = self.ref()
         d = g.__dict__ if g is not None else {}
         for registry in values:
-            registry._owners.discard(self)
+            registry._live -= 1
             d.pop(registry._key, None)
         return values
 
@@ -239,17 +307,33 @@ class _Watch:
         values = self.take()
         if not values:
             return
-        owner = self.owner
         owner_thread = None if thread_gone else self.thread
         hub = None if thread_gone else self.owner_hub()
         for registry, value in values.items():
-            _cleanup.submit(_Reap(registry, value, owner, True), owner_thread, hub)
+            _cleanup.submit(_Reap(registry, value, self, True), owner_thread, hub)
 
 
-def _owner_freed(ref: weakref.ref[RawGreenlet]) -> None:
+def _on_completion(g: Any) -> None:
+    # gevent's rawlink, at a Greenlet's completion, in the hub (see _Watch._completed).
+    watch: _Watch | None = g.__dict__.get(_WATCH_KEY)
+    if watch is not None:
+        watch._completed(g)
+
+
+class _Ref(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
+    """A watch's weakref to its greenlet, leading its callback back to the watch.
+
+    No ``__init__`` of its own (a Python frame per greenlet): the watch sets ``watch``.
+    """
+
+    __slots__ = ("watch",)
+    watch: _Watch | None
+
+
+def _owner_freed(ref: _Ref) -> None:
     # Wherever the greenlet was freed: the hub, a GC pass, another thread.
-    watch = _LIVE.get(id(ref))
-    if watch is not None and watch.ref is ref:
+    watch = ref.watch
+    if watch is not None:
         watch.detach()
 
 
@@ -261,19 +345,19 @@ class _Reap:
     Sessions opened, which makes the blocked close fail and invalidate them.
     """
 
-    __slots__ = ("claims", "done", "orphan", "owner", "registry", "reraise", "value")
+    __slots__ = ("_owner", "claims", "done", "orphan", "registry", "reraise", "value")
 
     def __init__(
         self,
         registry: GreenletRegistry[Any],
         value: Any,
-        owner: str,
+        owner: _Watch,
         orphan: bool,
         reraise: bool = False,
     ) -> None:
         self.registry = registry
         self.value = value
-        self.owner = owner
+        self._owner = owner  # named only when a line is logged: naming costs microseconds
         self.orphan = orphan
         # Only a caller that asked for the close (close_all) gets a kill re-raised; a
         # reaper never raises: it would kill the reaper or land in the hub.
@@ -281,16 +365,21 @@ class _Reap:
         self.claims: list[Any] = []
         self.done = False
 
+    @property
+    def owner(self) -> str:
+        return self._owner.owner
+
     def __call__(self) -> None:
         registry, value = self.registry, self.value
         if self.orphan:
+            owner = _Lazy(lambda: self.owner)
             _orphan_warnings.warn(
-                self.owner,
+                owner,
                 "greenscope: closing %s left open by %s, which ended without remove(); "
                 "its transaction is rolled back. Call remove() when each unit of work "
                 "ends, or wrap it in greenscope.session_scope().",
                 type(value).__name__,
-                self.owner,
+                owner,
             )
         # For cut(): the connections the close will release, claimed so that a cut can
         # never reach one that is back in the pool (see _cleanup.claim).
@@ -298,7 +387,7 @@ class _Reap:
             [c for s in sessions_in(value) for c in _opened_dbapi_connections(s.get_transaction())]
         )
         try:
-            exc = _close_counted(registry, value, f"of {self.owner}", self.orphan)
+            exc = _close_counted(registry, value, _Lazy(lambda: f"of {self.owner}"), self.orphan)
             if (
                 exc is not None
                 and self.reraise
@@ -338,7 +427,7 @@ class _Reap:
 
 
 def _close_counted(
-    registry: GreenletRegistry[Any], value: Any, which: str, orphan: bool = False
+    registry: GreenletRegistry[Any], value: Any, which: object, orphan: bool = False
 ) -> BaseException | None:
     """Close ``value``; on failure log it with its traceback, count it, and return it."""
     try:
@@ -378,7 +467,10 @@ def close_or_release(value: Any, close: Callable[[Any], object] = _close_value) 
     # is no misuse; the owner is restored after, so a later use elsewhere is caught.
     owner = _debug.untag(value) if _debug.active else None
     try:
-        close(value)
+        if close is _close_value and tx is not None:
+            value.close()  # a Session, the default close: one Python call fewer
+        else:
+            close(value)
     except BaseException:
         _invalidate_opened(tx)
         raise
@@ -471,7 +563,7 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         "_created",
         "_failed",
         "_key",
-        "_owners",
+        "_live",
         "_reaped",
         "_removed",
         "_shut_down",
@@ -496,7 +588,7 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         self.scopefunc = getcurrent
         self._close = close
         self._key = f"greenscope:{next(_keys)}"
-        self._owners: set[_Watch] = set()
+        self._live = 0  # watches holding a value of this registry
         self._created = self._removed = self._reaped = self._failed = self._timed_out = 0
         self._shut_down = _shutdown.active  # close_all() shut greenscope down already
         self.request_scoped = True
@@ -519,7 +611,8 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
     # -- the slow paths -----------------------------------------------------------------
 
     def _create(self) -> _T:
-        self._check_open()
+        if self._shut_down:
+            self._check_open()  # raises
         value = self.createfunc()  # first: if it raises, nothing is registered
         d = getcurrent().__dict__
         if self._key in d:  # createfunc itself used the registry
@@ -550,23 +643,30 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
             )
 
     def _store(self, value: _T) -> None:
+        if not _cleanup.prepared.done:  # every store, not only a new watch: a watch
+            _cleanup.prepare()  # inherited across fork() finds no cleanup threads
         g = getcurrent()
         d = g.__dict__
         watch: _Watch | None = d.get(_WATCH_KEY)
         if watch is None:  # first value of this greenlet, in any registry
-            if g is _cleanup.hub_if_exists():  # never true later: the hub gets no watch
+            hub = _cleanup.hub_if_exists()
+            if g is hub:  # never true later: the hub gets no watch
                 raise RuntimeError(
                     "greenscope: the gevent hub cannot hold a Session: it never ends (so "
                     "the Session would never be cleaned up) and cannot block (so it cannot "
                     "do I/O). Do database work in a greenlet, e.g. gevent.spawn(func)."
                 )
-            watch = d[_WATCH_KEY] = _Watch(g)
+            watch = d[_WATCH_KEY] = _Watch(g, hub)
         d[self._key] = value
         if _debug.active:
             _debug.tag(value, g)
-        watch.values[self] = value
-        _LIVE[id(watch.ref)] = watch
-        self._owners.add(watch)
+        if watch.put(self, value):
+            self._live += 1
+        # This order: a take() racing in between can leave ref.watch set on a watch that
+        # is not listed (its callback then finds nothing), never the other way round (a
+        # listed watch whose callback cannot find it).
+        _LIVE.add(watch)
+        watch.ref.watch = watch
         self._created += 1
 
     def clear(self) -> None:
@@ -574,13 +674,15 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
         d = getcurrent().__dict__
         if d.pop(self._key, _MISSING) is _MISSING:
             return
-        self._removed += 1
         watch: _Watch | None = d.get(_WATCH_KEY)
-        if watch is not None:
-            watch.values.pop(self, None)
-            self._owners.discard(watch)
-            if not watch.values:
-                _LIVE.pop(id(watch.ref), None)
+        # The watch holds every stored value; if it no longer holds this one, a take() in
+        # another thread (close_all) got it first, and counts it as it closes it.
+        if watch is not None and watch.drop(self):
+            self._removed += 1
+            self._live -= 1
+            if watch.empty():
+                _LIVE.discard(watch)
+                watch.ref.watch = None
 
     @property
     def shut_down(self) -> bool:
@@ -596,7 +698,7 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
             self._removed,
             self._reaped,
             self._failed,
-            len(self._owners),
+            self._live,
             self._timed_out,
         )
 
@@ -634,7 +736,7 @@ def _forget_inherited() -> None:
     So the values are kept, never freed and never finalized, for the child's lifetime.
     """
     kept: list[Any] = []
-    for watch in list(_LIVE.values()):
+    for watch in list(_LIVE):
         values = watch.take()
         for registry in values:
             registry._removed += 1
@@ -676,7 +778,7 @@ def current_sessions() -> list[Any]:
     if watch is None:
         return []
     found: list[Any] = []
-    for registry, value in list(watch.values.items()):
+    for registry, value in watch.items():
         if registry.request_scoped:
             inner = getattr(value, "greenscope_sessions", None)  # greenscope.flask's
             found.extend(inner() if inner is not None else [value])
@@ -698,11 +800,11 @@ def remove_current() -> int:
     """
     d = getcurrent().__dict__
     watch: _Watch | None = d.get(_WATCH_KEY)
-    if watch is None or not watch.values:
+    if watch is None or watch.empty():
         return 0
     removed = 0
     fatal: BaseException | None = None
-    for registry in [r for r in watch.values if r.request_scoped]:
+    for registry in [r for r, _ in watch.items() if r.request_scoped]:
         value = d.get(registry._key, _MISSING)
         if value is _MISSING:
             continue
@@ -726,7 +828,7 @@ def _death_pending() -> bool:
     after, from another thread (a pending call), not at ``join()``.
     """
     threads: set[int] | None = None
-    for watch in list(_LIVE.values()):
+    for watch in list(_LIVE):
         if watch.main:
             if threads is None:
                 threads = set(sys._current_frames())
@@ -786,12 +888,12 @@ def close_all(*, include_running: bool = True, shutdown: bool = True) -> int:
     jobs: list[_Reap] = []
     total = 0
     me_greenlet = getcurrent()
-    for watch in list(_LIVE.values()):
+    for watch in list(_LIVE):
         g = watch.ref()
         if not include_running and g is not None and not g.dead and g is not me_greenlet:
             continue
         for registry, value in watch.take().items():
-            job = _Reap(registry, value, watch.owner, False, reraise=True)
+            job = _Reap(registry, value, watch, False, reraise=True)
             total += 1
             if watch.thread == me:
                 jobs.append(job)

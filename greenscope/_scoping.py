@@ -28,6 +28,9 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+_MISSING: object = object()
+
+
 class scoped_session(_sa_scoped_session[_S]):
     """:class:`sqlalchemy.orm.scoped_session` with one ``Session`` per greenlet.
 
@@ -65,17 +68,34 @@ class scoped_session(_sa_scoped_session[_S]):
         if scopefunc:
             super().__init__(session_factory, scopefunc)
             self._greenscope_key: str | None = None
+            self.__class__ = _KeyedByScopefunc  # SQLAlchemy's own fast paths, unwrapped
             return
         self.session_factory = session_factory
         registry = GreenletRegistry(session_factory)
         self.registry = registry
         self._greenscope_key = registry._key
 
+    def __call__(self, **kw: Any) -> _S:
+        """The current greenlet's ``Session``, made on first use: SQLAlchemy's
+        ``scoped_session.__call__``, with the hit read straight from the greenlet."""
+        key = self._greenscope_key
+        if key is not None and not kw:
+            # Apps call Session() all the time: read the registry's slot in the current
+            # greenlet's dict directly rather than through registry(), which saves a
+            # Python call (see benchmarks/). A miss, keyword arguments or a scopefunc
+            # take SQLAlchemy's own path (and its checks and warnings).
+            try:
+                return getcurrent().__dict__[key]  # type: ignore[no-any-return]
+            except KeyError:
+                pass
+        return super().__call__(**kw)
+
     @property
     def _proxied(self) -> _S:
         # Every proxied call (Session.execute, .add, ...) goes through here: read the
         # registry's slot in the current greenlet's dict directly rather than through
-        # registry(), which saves a Python call (see benchmarks/). Same semantics.
+        # registry(), which saves a Python call (see benchmarks/). Same semantics. With a
+        # scopefunc (no key) it is SQLAlchemy's registry, without a KeyError first.
         key = self._greenscope_key
         if key is not None:
             try:
@@ -116,15 +136,25 @@ class scoped_session(_sa_scoped_session[_S]):
         none stays checked out until garbage collection. SQLAlchemy's own ``remove()``
         has no ``try/finally`` and would hand out the half-closed ``Session`` again.
         """
+        registry = self.registry
+        if isinstance(registry, GreenletRegistry):
+            # One lookup in the greenlet's dict instead of has() and registry().
+            value = getcurrent().__dict__.get(registry._key, _MISSING)
+            if value is _MISSING:
+                return
+            try:
+                close_or_release(value)
+            except BaseException:
+                registry._failed += 1
+                raise
+            finally:
+                registry.clear()
+            return
         try:
-            if self.registry.has():
-                close_or_release(self.registry())
-        except BaseException:
-            if isinstance(self.registry, GreenletRegistry):
-                self.registry._failed += 1
-            raise
+            if registry.has():
+                close_or_release(registry())
         finally:
-            self.registry.clear()
+            registry.clear()
 
 
 def _claims(session: Session) -> list[_Entry]:
@@ -360,3 +390,16 @@ class session_scope(Generic[_S]):
                 return func(*args, **kwargs)
 
         return wrapper
+
+
+class _KeyedByScopefunc(scoped_session[_S]):
+    """A greenscope ``scoped_session`` built with a ``scopefunc``: SQLAlchemy's registry.
+
+    Its ``__call__`` and ``_proxied`` are SQLAlchemy's, without greenscope's greenlet fast
+    path in front (which could only miss): ``greenscope.flask``'s per-app-context
+    sessions are built this way, and called on every request. ``remove()`` stays
+    greenscope's.
+    """
+
+    __call__ = _sa_scoped_session.__call__
+    _proxied = _sa_scoped_session._proxied

@@ -262,3 +262,26 @@ def test_stats_sum_every_registry() -> None:
     del registry
     gc.collect()
     assert ref() is None, "the process-wide list holds registries weakly"
+
+
+def test_a_greenlets_values_stay_oldest_first_and_counted_once() -> None:
+    """Three registries in one greenlet: clear, set and re-use keep order and live counts."""
+    regs = [GreenletRegistry(lambda n=n: f"value {n}") for n in range(3)]  # type: ignore[misc]
+
+    def work() -> tuple[list[Any], list[Any], list[int]]:
+        for r in regs:
+            r()
+        regs[0].clear()  # the first registry's value leaves the watch's slots
+        regs[1].set("replaced")  # replacing is not a new live value
+        after_clear = greenscope.current_sessions()
+        regs[0]()  # back, now the newest
+        return after_clear, greenscope.current_sessions(), [r.stats().live for r in regs]
+
+    after_clear, after_reuse, live = RawGreenlet(work).switch()
+    assert after_clear == ["replaced", "value 2"]
+    assert after_reuse == ["replaced", "value 2", "value 0"]
+    assert live == [1, 1, 1]
+    gc.collect()
+    assert greenscope.wait_reaped(5)
+    assert [r.stats().live for r in regs] == [0, 0, 0]
+    assert [r.stats().reaped for r in regs] == [1, 1, 1]

@@ -361,3 +361,147 @@ def test_close_all_closes_the_callers_sessions_side_by_side_under_the_deadline()
     """close_all() on a stalled database returns after about one close_timeout, not never."""
     result = run_scenario(CLOSE_ALL_STALLED.format(tests=TESTS, url=pg_url()), timeout=60)
     assert result == {"fast": True, "timed_out": 3, "live": 0}
+
+
+# -- the review of the memory and speed work (0.3) ---------------------------------------
+
+
+def _pause_at(func: Any, needle: str) -> tuple[Any, threading.Event, threading.Event]:
+    """A tracer that stops the calling thread at the line of ``func`` containing ``needle``."""
+    import inspect  # noqa: PLC0415
+
+    lines, first = inspect.getsourcelines(func)
+    [line] = [first + i for i, text_ in enumerate(lines) if needle in text_]
+    paused, resume = threading.Event(), threading.Event()
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not func.__code__:
+            return None
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == line:
+                paused.set()
+                resume.wait(10)
+            return local
+
+        return local
+
+    return tracer, paused, resume
+
+
+def test_a_clear_racing_close_all_from_another_thread_counts_the_value_once() -> None:
+    """clear() and close_all() on one value at once: live never negative, removed once."""
+    import sys  # noqa: PLC0415
+
+    registry = greenscope.GreenletRegistry(Closable)
+    clear = greenscope.GreenletRegistry.clear
+    tracer, paused, resume = _pause_at(clear, "watch.drop(self)")
+
+    def owner() -> None:
+        registry()
+        sys.settrace(tracer)
+        try:
+            registry.clear()  # stops after taking the value out of the greenlet's dict
+        finally:
+            sys.settrace(None)
+
+    t = threading.Thread(target=owner)
+    t.start()
+    assert paused.wait(10)
+    greenscope.close_all(shutdown=False)  # takes the same value from the watch
+    resume.set()
+    t.join(10)
+    assert greenscope.wait_reaped(5)
+    stats = registry.stats()
+    assert (stats.created, stats.removed, stats.live) == (1, 1, 0), stats
+
+
+class Closable:
+    closed = 0
+
+    def close(self) -> None:
+        Closable.closed += 1
+
+
+def test_a_store_racing_close_all_leaves_no_empty_watch_listed() -> None:
+    """A value stored while close_all() takes the greenlet's others: nothing stays listed."""
+    import sys  # noqa: PLC0415
+
+    from greenscope import _registry  # noqa: PLC0415
+
+    first = greenscope.GreenletRegistry(Closable)
+    second = greenscope.GreenletRegistry(Closable)
+    store = greenscope.GreenletRegistry._store
+    tracer, paused, resume = _pause_at(store, "watch.ref.watch = watch")
+
+    def work() -> None:
+        first()
+        sys.settrace(tracer)
+        try:
+            second()  # stops between listing the watch and pointing its weakref at it
+        finally:
+            sys.settrace(None)
+
+    def owner() -> None:
+        from greenlet import greenlet  # noqa: PLC0415
+
+        greenlet(work).switch()  # a raw greenlet, freed when it ends: only its weakref tells
+
+    t = threading.Thread(target=owner)
+    t.start()
+    assert paused.wait(10)
+    greenscope.close_all(shutdown=False)
+    resume.set()
+    t.join(10)
+    assert greenscope.wait_reaped(5)
+    stuck = [w for w in list(_registry._LIVE) if w.empty()]
+    assert not stuck, "an empty watch stays listed for good"
+    assert first.stats().live == second.stats().live == 0
+
+
+def test_a_scopefunc_scoped_session_uses_sqlalchemys_own_lookup() -> None:
+    """With a scopefunc there is no greenlet fast path to try (and miss) first."""
+    from sqlalchemy.orm import scoped_session as sa_scoped_session  # noqa: PLC0415
+
+    keyed = greenscope.scoped_session(sessionmaker(), scopefunc=lambda: 1)
+    assert isinstance(keyed, greenscope.scoped_session)
+    assert type(keyed).__call__ is sa_scoped_session.__call__
+    assert keyed() is keyed()
+    keyed.remove()
+
+
+def test_a_watch_inherited_across_fork_still_gets_its_cleanup_threads() -> None:
+    """A greenlet that forked and stores again in the child is reaped there when it ends."""
+    result = run_scenario(
+        """
+        import gc, json, os
+        from greenlet import greenlet
+        import greenscope
+
+        class V:
+            def close(self):
+                pass
+
+        registry = greenscope.GreenletRegistry(V)
+
+        def body():
+            registry()
+            registry.clear()  # the watch stays in this greenlet's dict
+            pid = os.fork()
+            if pid == 0:
+                registry()  # in the child: no new watch, so no new watch's set-up
+                return "child"
+            return pid
+
+        g = greenlet(body)
+        res = g.switch()
+        if res == "child":
+            del g
+            gc.collect()
+            ok = greenscope.wait_reaped(5)
+            print(json.dumps({"reaped": ok, "live": registry.stats().live}), flush=True)
+            os._exit(0)
+        os.waitpid(res, 0)
+        """
+    )
+    assert result == {"reaped": True, "live": 0}
