@@ -61,7 +61,7 @@ autodoc_preserve_defaults = True
 # resolve: they are listed here. A reference to greenscope's own API never is.
 nitpick_ignore_regex = [
     (r"py:.*", r"(sqlalchemy|gevent|greenlet|flask|flask_sqlalchemy|celery|gunicorn)(\..*)?"),
-    (r"py:.*", r"(gc|typing|collections\.abc|types|contextlib|threading|weakref)\..*"),
+    (r"py:.*", r"(gc|typing|collections\.abc|types|contextlib|threading|weakref|datetime)\..*"),
     # Private names in signatures: type variables (greenscope._registry._T) and helpers
     # (greenscope.gunicorn._PyWSGIHandler). Not part of the API, so not documented.
     (r"py:.*", r"greenscope(\.\w+)*\._\w+"),

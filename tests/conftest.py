@@ -89,6 +89,27 @@ def pg_url() -> str:
     return url
 
 
+MYSQL_URL_VAR = "GREENSCOPE_TEST_MYSQL_URL"
+
+
+def mysql_url() -> str:
+    """The MySQL/MariaDB URL for tests, or skip: set it to run them (``.ci/run`` does)."""
+    url = os.environ.get(MYSQL_URL_VAR)
+    if not url:
+        pytest.skip(
+            f"MySQL/MariaDB tests need {MYSQL_URL_VAR}, e.g. mysql+pymysql://root@127.0.0.1/test"
+        )
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # set but unreachable: fail, never skip silently in CI
+        pytest.fail(f"{MYSQL_URL_VAR}={url} is set but the server is unreachable: {exc}")
+    finally:
+        engine.dispose()
+    return url
+
+
 @pytest.fixture
 def pg_table() -> Iterator[tuple[str, str]]:
     """(url, table): a fresh table in PostgreSQL, dropped afterwards."""

@@ -1096,3 +1096,42 @@ def test_async_engine_is_labelled_and_advised_as_async(scenario: Scenario) -> No
     assert message.startswith("async engine postgresql+psycopg://app@db.invalid/app:")
     assert "asyncio event loop" in message
     assert fix.startswith("`create_async_engine(..., pool_size=P, max_overflow=M)`")
+
+
+def test_pool_size_counts_the_connection_a_session_store_adds(scenario: Scenario) -> None:
+    """A greenscope.sessions store on the app's engine: each request may hold two."""
+    result = scenario(
+        """
+        import datetime, json
+        from gevent import monkey
+        monkey.patch_all()
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import DeclarativeBase, sessionmaker
+        import greenscope
+        from greenscope.doctor import diagnose
+        from greenscope.sessions import SQLAlchemyStore, create_session_model
+
+        class Base(DeclarativeBase):
+            pass
+
+        engine = create_engine("postgresql+psycopg://app@db.invalid/app", pool_size=10,
+                               max_overflow=10)
+        Session = greenscope.scoped_session(sessionmaker(engine))
+        store = SQLAlchemyStore(engine, create_session_model(Base),
+                                max_age=datetime.timedelta(hours=1))
+
+        def pool(n):
+            [f] = [f for f in diagnose(worker_class="gevent", worker_connections=n)
+                   if f.check == "pool-size"]
+            return [f.severity, f.message, f.fix or ""]
+
+        print(json.dumps([pool(10), pool(11)]))
+        """
+    )
+    (ok, ok_msg, _), (err, err_msg, fix) = result
+    assert ok == "ok", ok_msg
+    assert "worker_connections x 2" in ok_msg
+    assert err == "error", err_msg
+    assert "may need 22 at once" in err_msg
+    assert "greenscope.sessions' store's" in err_msg
+    assert "`worker_connections = 10`" in fix

@@ -7,6 +7,7 @@ named "async engine" in the findings.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,12 @@ _ASYNC_UNDER_GEVENT = (
 )
 
 
+def _stores_on(engine: Engine) -> int:
+    """greenscope.sessions stores on ``engine``; 0 when greenscope.sessions is not in use."""
+    module = sys.modules.get("greenscope.sessions._store")
+    return int(module.stores_on(engine)) if module is not None else 0
+
+
 def _create(engine: Engine) -> str:
     return "create_async_engine" if engine.dialect.is_async else "create_engine"
 
@@ -52,10 +59,21 @@ def _check_pool(setup: Setup, scan: Scan) -> list[Finding]:
                 "factory gunicorn does not call) are not seen",
             )
         ]
-    n, setting = setup.concurrency, setup.concurrency_setting
+    concurrency, setting = setup.concurrency, setup.concurrency_setting
     findings = []
     for engine in scan.engines:
         label, pool = f"{engine_noun(engine)} {engine_label(engine)}", engine.pool
+        # A greenscope.sessions store on this engine takes a connection of its own while
+        # it works, next to the request's: each request may hold two.
+        stores = _stores_on(engine)
+        n = None if concurrency is None else concurrency * (1 + stores)
+        if stores and concurrency is not None:
+            setting = (
+                f"{setup.concurrency_setting} x {1 + stores} (each request's own "
+                "connection and greenscope.sessions' store's)"
+            )
+        else:
+            setting = setup.concurrency_setting
         note = ""
         if engine.dialect.is_async and setup.kind in GEVENT_KINDS:
             note = f"; {_ASYNC_UNDER_GEVENT}"
@@ -103,11 +121,16 @@ def _check_pool(setup: Setup, scan: Scan) -> list[Finding]:
                     check,
                     "error",
                     f"{label}: {sizes} = {size + overflow} connections, but a worker "
-                    f"serves up to {n} requests at once ({setting}): the rest wait "
-                    f"pool_timeout ({pool.timeout():g} s), then fail with 'QueuePool limit "
+                    + (
+                        f"may need {n} at once ({setting}): the rest wait "
+                        if stores
+                        else f"serves up to {n} requests at once ({setting}): the rest wait "
+                    )
+                    + f"pool_timeout ({pool.timeout():g} s), then fail with 'QueuePool limit "
                     f"of size {size} overflow {overflow} reached'{note}",
                     f"`{_create(engine)}(..., pool_size=P, max_overflow=M)` with "
-                    f"`P + M >= {n}`, or `{setting} = {size + overflow}`; each worker has its "
+                    f"`P + M >= {n}`, or `{setup.concurrency_setting} = "
+                    f"{(size + overflow) // (1 + stores)}`; each worker has its "
                     "own pool, so `workers x (P + M)` must fit the database's max_connections"
                     + (
                         " (for the WSGI code a gevent worker runs, `create_engine()` with a "

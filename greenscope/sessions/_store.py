@@ -1,0 +1,245 @@
+"""``SQLAlchemyStore``: server-side HTTP session data in a SQL table, in its own Session.
+
+Why its own Session: a store that ran on the application's Session (Flask-Session's
+SQLAlchemy backend does, on ``db.session``) commits whatever the view left pending when
+it saves the HTTP session, commits it again when it deletes an expired record on load,
+and rolls it back on an error. Here every call runs in a greenscope registry of the
+store's own (:func:`greenscope.session_scope`, ``commit=True``): a Session separate from
+every application Session in the same greenlet, with its own transaction and its own
+pooled connection, committed (or rolled back) and removed before the call returns. The
+application's Session is never flushed, committed or rolled back by the store.
+
+What that costs: a second pooled connection while a call runs, next to the one the
+request's own Session may hold. Size the pool for it (the doctor counts it: see the
+sessions guide).
+
+SQLite allows one writer at a time. A write of the store while this greenlet's own
+application transaction holds SQLite's write lock on the same database file would wait
+for a lock that only this greenlet can release: it is refused at once, with what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import weakref
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import delete, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from greenscope import _engines, _registry
+from greenscope._scoping import scoped_session, session_scope
+from greenscope.sessions._model import SessionModelMixin, utcnow
+
+__all__ = ["SQLAlchemyStore", "stores_on"]
+
+_M = TypeVar("_M", bound=SessionModelMixin)
+
+MAX_ID_LENGTH = 255
+
+
+def _check_id(session_id: object, call: str) -> str:
+    if not isinstance(session_id, str):
+        raise TypeError(
+            f"SQLAlchemyStore.{call} takes a str session id; got {type(session_id).__name__}"
+        )
+    if not session_id:
+        raise ValueError(f"SQLAlchemyStore.{call} takes a non-empty session id")
+    if len(session_id) > MAX_ID_LENGTH:
+        raise ValueError(
+            f"SQLAlchemyStore.{call}: a session id has at most {MAX_ID_LENGTH} characters; "
+            f"got {len(session_id)}"
+        )
+    return session_id
+
+
+def _check_max_age(max_age: object, call: str) -> dt.timedelta:
+    if not isinstance(max_age, dt.timedelta):
+        raise TypeError(
+            f"{call} takes max_age as a datetime.timedelta; got {type(max_age).__name__}"
+        )
+    if max_age <= dt.timedelta(0):
+        raise ValueError(f"{call} takes a positive max_age; got {max_age!r}")
+    return max_age
+
+
+# Every store of the process, weakly: the doctor counts the connections they add.
+_STORES: weakref.WeakSet[SQLAlchemyStore[Any]] = weakref.WeakSet()
+
+
+def stores_on(engine: Engine) -> int:
+    """How many stores of this process use ``engine``: each may take one more connection
+    per request, next to the application's."""
+    return sum(
+        1
+        for store in list(_STORES)
+        if any(e is engine for e in _engines.engines_of(store.Session.session_factory))
+    )
+
+
+class SQLAlchemyStore(Generic[_M]):
+    """HTTP session data in ``model``'s table, through ``bind``: an Engine or a sessionmaker.
+
+    ``max_age``: how long a session lives after its last :meth:`set`. Every method runs
+    in the store's own Session and commits its own transaction (see the module's
+    docstring); each may be called from any greenlet or thread.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(
+        self, bind: Engine | sessionmaker[Any], model: type[_M], *, max_age: dt.timedelta
+    ):
+        if isinstance(bind, Engine):
+            factory: sessionmaker[Any] = sessionmaker(bind, expire_on_commit=False)
+        elif isinstance(bind, sessionmaker):
+            factory = bind
+        else:
+            raise TypeError(
+                "greenscope.sessions.SQLAlchemyStore(bind, ...) takes an Engine or a "
+                f"sessionmaker; got {bind!r}"
+            )
+        if not (isinstance(model, type) and issubclass(model, SessionModelMixin)):
+            raise TypeError(
+                "greenscope.sessions.SQLAlchemyStore(bind, model, ...) takes a mapped "
+                "subclass of SessionModelMixin (see create_session_model); got "
+                f"{model!r}"
+            )
+        if "__mapper__" not in model.__dict__ and not hasattr(model, "__mapper__"):
+            raise TypeError(
+                f"greenscope.sessions.SQLAlchemyStore: {model.__qualname__} is not mapped: "
+                "create it with create_session_model(base) or register_session_model(base, "
+                "model)"
+            )
+        self.max_age = _check_max_age(max_age, "greenscope.sessions.SQLAlchemyStore(...)")
+        self.model = model
+        self.Session: scoped_session[Session] = scoped_session(factory)
+        # Not request-scoped: every call removes its own Session before it returns.
+        registry = self.Session.registry
+        assert isinstance(registry, _registry.GreenletRegistry)
+        registry.request_scoped = False
+        _STORES.add(self)
+
+    # -- the API ------------------------------------------------------------------------
+
+    def get(self, session_id: str) -> bytes | None:
+        """The data of ``session_id``, or None when it is missing or expired."""
+        _check_id(session_id, "get(session_id)")
+        m = self.model
+        query = select(m.data).where(m.session_id == session_id, m.expires_at > utcnow())
+        with session_scope(self.Session, commit=True) as session:
+            data = session.scalar(query)
+        return None if data is None else bytes(data)
+
+    def set(
+        self,
+        session_id: str,
+        data: bytes | bytearray | memoryview,
+        max_age: dt.timedelta | None = None,
+    ) -> None:
+        """Store ``data`` for ``session_id``, replacing what was there and resetting its
+        expiry to now + ``max_age`` (default: the store's). One atomic upsert: many
+        greenlets setting one id at once leave one row, and no error."""
+        _check_id(session_id, "set(session_id, data)")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(
+                "SQLAlchemyStore.set(session_id, data) takes bytes (serialize the session "
+                f"yourself, e.g. json.dumps(...).encode()); got {type(data).__name__}"
+            )
+        age = self.max_age if max_age is None else _check_max_age(max_age, "set(max_age=...)")
+        values = {"session_id": session_id, "data": bytes(data), "expires_at": utcnow() + age}
+        with session_scope(self.Session, commit=True) as session:
+            self._refuse_sqlite_self_lock(session)
+            session.execute(self._upsert(session, values))
+
+    def delete(self, session_id: str) -> None:
+        """Forget ``session_id`` (nothing happens if it is missing)."""
+        _check_id(session_id, "delete(session_id)")
+        m = self.model
+        with session_scope(self.Session, commit=True) as session:
+            self._refuse_sqlite_self_lock(session)
+            session.execute(delete(m).where(m.session_id == session_id))
+
+    def delete_all(self) -> None:
+        """Forget every session of the table."""
+        with session_scope(self.Session, commit=True) as session:
+            self._refuse_sqlite_self_lock(session)
+            session.execute(delete(self.model))
+
+    def delete_expired(self) -> int:
+        """Delete the sessions whose ``expires_at`` has passed; return how many.
+
+        Run it now and then: from a background greenlet, a Celery beat task or cron (see
+        ``deploy/sessions_cleanup.py``). Expired sessions are never returned by
+        :meth:`get` meanwhile.
+        """
+        m = self.model
+        with session_scope(self.Session, commit=True) as session:
+            self._refuse_sqlite_self_lock(session)
+            result: Any = session.execute(delete(m).where(m.expires_at <= utcnow()))
+        return int(result.rowcount)
+
+    # -- dialects -----------------------------------------------------------------------
+
+    def _upsert(self, session: Session, values: dict[str, Any]) -> Any:
+        dialect = session.get_bind(self.model).dialect.name
+        table = self.model.__table__  # type: ignore[attr-defined]
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert  # noqa: PLC0415
+
+            pg = pg_insert(table).values(**values)
+            return pg.on_conflict_do_update(
+                index_elements=[table.c.session_id],
+                set_={"data": pg.excluded.data, "expires_at": pg.excluded.expires_at},
+            )
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert  # noqa: PLC0415
+
+            lite = sqlite_insert(table).values(**values)
+            return lite.on_conflict_do_update(
+                index_elements=[table.c.session_id],
+                set_={"data": lite.excluded.data, "expires_at": lite.excluded.expires_at},
+            )
+        if dialect in ("mysql", "mariadb"):
+            from sqlalchemy.dialects.mysql import insert as mysql_insert  # noqa: PLC0415
+
+            my = mysql_insert(table).values(**values)
+            return my.on_duplicate_key_update(
+                data=my.inserted.data, expires_at=my.inserted.expires_at
+            )
+        raise NotImplementedError(
+            f"greenscope.sessions.SQLAlchemyStore: no atomic upsert for the {dialect!r} "
+            "dialect yet (PostgreSQL, SQLite, MySQL and MariaDB are supported and tested)"
+        )
+
+    def _refuse_sqlite_self_lock(self, session: Session) -> None:
+        """On SQLite, refuse a write this greenlet's own open write transaction would block.
+
+        pysqlite opens a transaction only before a write, so a connection of this
+        greenlet's application Sessions that is ``in_transaction`` on the same database
+        file holds (or is about to take) the write lock.
+        """
+        engine = session.get_bind(self.model).engine
+        if engine.dialect.name != "sqlite":
+            return
+        database = engine.url.database or ""
+        for app_session in _registry.current_sessions():
+            if app_session is session:
+                continue
+            for conn in _registry._opened_connections(app_session.get_transaction()):
+                if (
+                    conn.engine.dialect.name != "sqlite"
+                    or (conn.engine.url.database or "") != database
+                ):
+                    continue
+                dbapi = getattr(conn.connection, "dbapi_connection", None)
+                if getattr(dbapi, "in_transaction", False):
+                    raise RuntimeError(
+                        "greenscope.sessions: this greenlet's application Session holds "
+                        f"SQLite's write lock on {database!r}, and SQLite allows one writer "
+                        "at a time: the store's write would wait for this greenlet itself. "
+                        "Commit (or roll back) the application's work before the HTTP "
+                        "session is saved, or keep the sessions table in another database "
+                        "file."
+                    )
