@@ -78,14 +78,14 @@ class scoped_session(_sa_scoped_session[_S]):
     def __call__(self, **kw: Any) -> _S:
         """The current greenlet's ``Session``, made on first use: SQLAlchemy's
         ``scoped_session.__call__``, with the hit read straight from the greenlet."""
-        key = self._greenscope_key
-        if key is not None and not kw:
+        if not kw:
             # Apps call Session() all the time: read the registry's slot in the current
             # greenlet's dict directly rather than through registry(), which saves a
-            # Python call (see benchmarks/). A miss, keyword arguments or a scopefunc
-            # take SQLAlchemy's own path (and its checks and warnings).
+            # Python call (see benchmarks/). A miss, or keyword arguments, take
+            # SQLAlchemy's own path (and its checks and warnings). With a scopefunc the
+            # object is a _KeyedByScopefunc, whose __call__ is SQLAlchemy's.
             try:
-                return getcurrent().__dict__[key]  # type: ignore[no-any-return]
+                return getcurrent().__dict__[self._greenscope_key]  # type: ignore[index,no-any-return]
             except KeyError:
                 pass
         return super().__call__(**kw)
@@ -95,14 +95,11 @@ class scoped_session(_sa_scoped_session[_S]):
         # Every proxied call (Session.execute, .add, ...) goes through here: read the
         # registry's slot in the current greenlet's dict directly rather than through
         # registry(), which saves a Python call (see benchmarks/). Same semantics. With a
-        # scopefunc (no key) it is SQLAlchemy's registry, without a KeyError first.
-        key = self._greenscope_key
-        if key is not None:
-            try:
-                return getcurrent().__dict__[key]  # type: ignore[no-any-return]
-            except KeyError:
-                pass
-        return self.registry()
+        # scopefunc the object is a _KeyedByScopefunc, whose _proxied is SQLAlchemy's.
+        try:
+            return getcurrent().__dict__[self._greenscope_key]  # type: ignore[index,no-any-return]
+        except KeyError:
+            return self.registry()
 
     def configure(self, **kwargs: Any) -> None:
         """Reconfigure the ``sessionmaker``; warn if Sessions it cannot affect exist.

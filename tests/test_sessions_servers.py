@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from conftest import pg_url
+from conftest import mysql_url, pg_url, run_scenario
 
 HERE = Path(__file__).resolve().parent
 APPS = HERE / "session_apps"
@@ -179,3 +179,48 @@ def test_the_flask_interface_with_greenscope_flask(tmp_path: Path) -> None:
         assert db.session.scalar(select(func.count()).select_from(model)) == 2
         db.session.remove()
         db.engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql", "mariadb"])
+def test_fifty_patched_greenlets_setting_one_id_leave_one_row(database: str) -> None:
+    """Under gevent's patching, 50 greenlets set one id at once: one row, no error."""
+    url = pg_url() if database == "postgresql" else mysql_url()
+    result = run_scenario(
+        f"""
+        from gevent import monkey
+        monkey.patch_all()
+        import datetime, json, uuid
+        import gevent
+        from sqlalchemy import create_engine, func, select
+        from sqlalchemy.orm import DeclarativeBase, Session
+        from greenscope.sessions import SQLAlchemyStore, create_session_model
+
+        class Base(DeclarativeBase):
+            pass
+
+        model = create_session_model(Base, table_name="gs_race_" + uuid.uuid4().hex[:8])
+        engine = create_engine({url!r}, pool_size=50, max_overflow=10)
+        Base.metadata.create_all(engine)
+        store = SQLAlchemyStore(engine, model, max_age=datetime.timedelta(hours=1))
+        start = gevent.event.Event()
+        errors = []
+
+        def writer(n):
+            start.wait()
+            try:
+                store.set("same", b"value %d" % n)
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        greenlets = [gevent.spawn(writer, n) for n in range(50)]
+        gevent.sleep(0)
+        start.set()
+        gevent.joinall(greenlets, timeout=60)
+        with Session(engine) as s:
+            count = s.scalar(select(func.count()).select_from(model))
+        Base.metadata.drop_all(engine)
+        engine.dispose()
+        print(json.dumps({{"rows": count, "errors": errors[:3]}}))
+        """
+    )
+    assert result == {"rows": 1, "errors": []}
