@@ -29,23 +29,27 @@ PYTHON_OLDEST ?= $(or $(call find_python,3.10),$(PYTHON))
 VENV := .venv
 VENV_SA20 := .venv-sa20
 PIP_FLAGS := --quiet --disable-pip-version-check
-VERSIONS := 'import sys, sqlalchemy, gevent; print("== Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "gevent", gevent.__version__)'
+VERSIONS := 'import sys, sqlalchemy, gevent, greenscope._hot as h; print("== Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "gevent", gevent.__version__, "greenscope._hot", "compiled" if h.compiled else "pure Python")'
 
 .PHONY: test lint pytest pytest-sa20 demo bench soak soak-celery soak-fleet fuzz package docs clean
 
 test: lint pytest pytest-sa20
 
-$(VENV)/.installed: pyproject.toml
-	@echo "== building $(VENV): installing greenscope and its test tools (about 30 s, once; again after pyproject.toml changes)"
+# greenscope/_hot.py is compiled into the editable install (setup.py): a change to it
+# rebuilds the venv, so the tests never run a stale extension. $(VENV) runs the compiled
+# module, $(VENV_SA20) the pure-Python fallback (GREENSCOPE_NO_EXTENSIONS=1);
+# tests/test_compiled.py checks which one each has.
+$(VENV)/.installed: pyproject.toml setup.py greenscope/_hot.py
+	@echo "== building $(VENV): installing greenscope and its test tools (about 40 s, once; again after pyproject.toml, setup.py or greenscope/_hot.py change)"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install $(PIP_FLAGS) -e '.[test,docs]'
 	touch $@
 
-$(VENV_SA20)/.installed: pyproject.toml
+$(VENV_SA20)/.installed: pyproject.toml setup.py greenscope/_hot.py
 	rm -rf $(VENV_SA20)
 	$(PYTHON_OLDEST) -m venv $(VENV_SA20)
-	$(VENV_SA20)/bin/python -m pip install $(PIP_FLAGS) -e '.[test]' 'SQLAlchemy>=2.0,<2.1'
+	GREENSCOPE_NO_EXTENSIONS=1 $(VENV_SA20)/bin/python -m pip install $(PIP_FLAGS) -e '.[test]' 'SQLAlchemy>=2.0,<2.1'
 	touch $@
 
 lint: $(VENV)/.installed
@@ -55,11 +59,11 @@ lint: $(VENV)/.installed
 
 pytest: $(VENV)/.installed
 	$(VENV)/bin/python -c $(VERSIONS)
-	$(VENV)/bin/python -m pytest
+	GREENSCOPE_EXPECT_COMPILED=1 $(VENV)/bin/python -m pytest
 
 pytest-sa20: $(VENV_SA20)/.installed
 	$(VENV_SA20)/bin/python -c $(VERSIONS)
-	$(VENV_SA20)/bin/python -m pytest
+	GREENSCOPE_EXPECT_COMPILED=0 $(VENV_SA20)/bin/python -m pytest
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python deploy/demo.py
@@ -87,4 +91,4 @@ package: $(VENV)/.installed
 	$(VENV)/bin/python .ci/check_package.py
 
 clean:
-	rm -rf $(VENV) $(VENV_SA20) .mypy_cache .ruff_cache .pytest_cache *.egg-info dist docs/_build
+	rm -rf $(VENV) $(VENV_SA20) greenscope/*.so greenscope/*.c build .mypy_cache .ruff_cache .pytest_cache *.egg-info dist docs/_build

@@ -49,7 +49,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from greenlet import getcurrent
 from greenlet import greenlet as RawGreenlet
@@ -57,6 +57,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
 from greenscope import _cleanup, _debug, _engines, _guard, _pool  # noqa: F401 - _pool listens
+from greenscope._hot import RegistryHit
 from greenscope._log import RateLimited
 
 __all__ = [
@@ -523,7 +524,7 @@ def _invalidate_opened(tx: Any) -> None:
                 logger.exception("greenscope: invalidating a connection failed too")
 
 
-class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
+class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
     """SQLAlchemy's registry protocol keyed on the current greenlet.
 
     ``registry()`` returns the current greenlet's value, creating it with ``createfunc``
@@ -598,11 +599,11 @@ class GreenletRegistry(ScopedRegistry[_T], Generic[_T]):
 
     # -- the hit path: keep it to one dict lookup ------------------------------------
 
-    def __call__(self) -> _T:
-        try:
-            return getcurrent().__dict__[self._key]  # type: ignore[no-any-return]
-        except KeyError:
-            return self._create()
+    # The hit is RegistryHit.__call__: the current greenlet's dict, read once, compiled
+    # where possible (greenscope/_hot.py); a miss calls _create().
+    if TYPE_CHECKING:
+
+        def __call__(self) -> _T: ...
 
     def has(self) -> bool:
         """True if the current greenlet holds a value."""

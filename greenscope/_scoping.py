@@ -9,7 +9,7 @@ import sys
 import weakref
 from collections.abc import Callable
 from types import FrameType, TracebackType
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from greenlet import getcurrent
 from greenlet import greenlet as RawGreenlet
@@ -17,6 +17,7 @@ from sqlalchemy import util as sa_util
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 
+from greenscope._hot import ScopedHit
 from greenscope._registry import GreenletRegistry, close_or_release
 
 __all__ = ["scoped_session", "session_scope"]
@@ -31,7 +32,7 @@ _R = TypeVar("_R")
 _MISSING: object = object()
 
 
-class scoped_session(_sa_scoped_session[_S]):
+class scoped_session(ScopedHit, _sa_scoped_session[_S]):
     """:class:`sqlalchemy.orm.scoped_session` with one ``Session`` per greenlet.
 
     Without ``scopefunc`` the registry is a :class:`~greenscope.GreenletRegistry`: every
@@ -75,31 +76,29 @@ class scoped_session(_sa_scoped_session[_S]):
         self.registry = registry
         self._greenscope_key = registry._key
 
-    def __call__(self, **kw: Any) -> _S:
-        """The current greenlet's ``Session``, made on first use: SQLAlchemy's
-        ``scoped_session.__call__``, with the hit read straight from the greenlet."""
-        if not kw:
-            # Apps call Session() all the time: read the registry's slot in the current
-            # greenlet's dict directly rather than through registry(), which saves a
-            # Python call (see benchmarks/). A miss, or keyword arguments, take
-            # SQLAlchemy's own path (and its checks and warnings). With a scopefunc the
-            # object is a _KeyedByScopefunc, whose __call__ is SQLAlchemy's.
-            try:
-                return getcurrent().__dict__[self._greenscope_key]  # type: ignore[index,no-any-return]
-            except KeyError:
-                pass
-        return super().__call__(**kw)
+    # Session() is ScopedHit's: the current greenlet's Session read straight from its
+    # dict, compiled where possible (greenscope/_hot.py). With a scopefunc the object is a
+    # _KeyedByScopefunc, whose __call__ and _proxied are SQLAlchemy's.
+    if TYPE_CHECKING:
+
+        def __call__(self, **kw: Any) -> _S: ...
 
     @property
     def _proxied(self) -> _S:
         # Every proxied call (Session.execute, .add, ...) goes through here: read the
         # registry's slot in the current greenlet's dict directly rather than through
-        # registry(), which saves a Python call (see benchmarks/). Same semantics. With a
-        # scopefunc the object is a _KeyedByScopefunc, whose _proxied is SQLAlchemy's.
+        # registry(), which saves a Python call (see benchmarks/). Same semantics. Not
+        # compiled: the interpreter inlines a Python property's getter (3.12+'s
+        # LOAD_ATTR_PROPERTY), and a C one measured slower (docs/benchmarks.md).
         try:
             return getcurrent().__dict__[self._greenscope_key]  # type: ignore[index,no-any-return]
         except KeyError:
             return self.registry()
+
+    def _greenscope_miss(self, kw: dict[str, Any]) -> _S:
+        # A miss or keyword arguments: SQLAlchemy's own path, with its checks and
+        # warnings. Named explicitly: super() would find ScopedHit.__call__ again.
+        return _sa_scoped_session.__call__(self, **kw)
 
     def configure(self, **kwargs: Any) -> None:
         """Reconfigure the ``sessionmaker``; warn if Sessions it cannot affect exist.

@@ -1,0 +1,150 @@
+"""greenscope._hot: the compiled hit paths and their pure-Python fallback behave alike."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+from greenlet import greenlet as RawGreenlet
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import scoped_session as sa_scoped_session
+
+import greenscope
+from greenscope import GreenletRegistry, _hot
+from greenscope._scoping import _KeyedByScopefunc
+
+SOURCE = Path(_hot.__file__).with_name("_hot.py")
+
+
+def test_the_build_under_test_is_the_one_expected() -> None:
+    """make runs one venv compiled and one pure, so CI tests both: check which this is."""
+    expected = os.environ.get("GREENSCOPE_EXPECT_COMPILED")
+    if expected is None:
+        pytest.skip("GREENSCOPE_EXPECT_COMPILED is unset (make test sets it per venv)")
+    assert _hot.compiled is (expected == "1"), _hot.__file__
+
+
+def test_a_compiled_module_is_not_older_than_its_source() -> None:
+    """An extension built before _hot.py last changed would test stale code."""
+    if not _hot.compiled:
+        pytest.skip("greenscope._hot is the pure-Python module")
+    assert Path(_hot.__file__).stat().st_mtime >= SOURCE.stat().st_mtime, (
+        f"{_hot.__file__} predates {SOURCE}: rebuild it (make clean; make test)"
+    )
+
+
+def test_the_fallback_is_plain_python_without_cython() -> None:
+    """The source imports and runs as plain Python, Cython or not: its stand-ins do."""
+    from greenscope import _cython  # noqa: PLC0415 - the fallback's own module
+
+    class Cls:
+        pass
+
+    assert _cython.cclass(Cls) is Cls
+    assert _cython.compiled is False
+    assert SOURCE.exists()
+
+
+def test_registry_hit_miss_and_create_reentry() -> None:
+    """A miss creates once; a createfunc that itself calls the registry gets one value."""
+    made: list[object] = []
+
+    def make() -> object:
+        if not made:
+            made.append(object())
+            return registry()
+        return made[0]
+
+    registry: GreenletRegistry[object] = GreenletRegistry(make)
+    first = registry()
+    assert first is made[0]
+    assert registry() is first
+    assert registry.stats().live == 1
+    registry.clear()
+    assert not registry.has()
+
+
+def test_registry_subclass_keeps_slots_and_may_override_call() -> None:
+    """GreenletRegistry has no instance dict; a subclass's own __call__ is the one used."""
+    registry: GreenletRegistry[object] = GreenletRegistry(object)
+    with pytest.raises(AttributeError):
+        registry.typo = 1  # type: ignore[attr-defined]
+
+    class Counting(GreenletRegistry[object]):
+        calls = 0
+
+        def __call__(self) -> object:
+            type(self).calls += 1
+            return super().__call__()
+
+    counting = Counting(object)
+    value = counting()
+    assert counting() is value
+    assert Counting.calls == 2
+    counting.clear()
+
+
+def test_session_call_hit_keywords_and_miss() -> None:
+    """Session() hits the greenlet's Session; keywords on a hit raise SQLAlchemy's error."""
+    session = greenscope.scoped_session(sessionmaker())
+    s = session()
+    assert session() is s
+    with pytest.raises(Exception, match="already present"):
+        session(autoflush=False)
+    session.remove()
+    fresh = session(autoflush=False)
+    assert fresh is not s
+    assert fresh.autoflush is False
+    session.remove()
+
+
+def test_each_greenlet_gets_its_own_session_through_call_and_proxy() -> None:
+    """Session() and a proxied attribute read the calling greenlet's Session."""
+    session = greenscope.scoped_session(sessionmaker())
+    seen: list[tuple[Session, bool]] = []
+
+    def run() -> None:
+        seen.append((session(), session.is_active))
+        session.remove()
+
+    for _ in range(3):
+        RawGreenlet(run).switch()
+    assert len({id(s) for s, _ in seen}) == 3
+    assert all(active for _, active in seen)
+
+
+def test_scopefunc_instances_use_sqlalchemys_paths() -> None:
+    """With a scopefunc, __call__ and _proxied are SQLAlchemy's, keyed on the scopefunc."""
+    scope = ["a"]
+    session = greenscope.scoped_session(sessionmaker(), scopefunc=lambda: scope[0])
+    assert type(session) is _KeyedByScopefunc
+    a = session()
+    scope[0] = "b"
+    b = session()
+    assert a is not b
+    assert session.is_active
+    assert _KeyedByScopefunc.__call__ is sa_scoped_session.__call__
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        session.remove()
+    scope[0] = "a"
+    session.remove()
+
+
+def test_a_scoped_session_subclass_may_override_call() -> None:
+    """An app's subclass that wraps __call__ keeps working over the compiled base."""
+
+    class Audited(greenscope.scoped_session[Session]):
+        calls = 0
+
+        def __call__(self, **kw: object) -> Session:
+            type(self).calls += 1
+            return super().__call__(**kw)
+
+    session = Audited(sessionmaker())
+    s = session()
+    assert session() is s
+    assert Audited.calls == 2
+    session.remove()
