@@ -5,8 +5,9 @@ deletes it. Pick one of these, not all:
 
 * a background greenlet, started in every gunicorn worker by this module's
   ``post_worker_init`` (below): each worker sweeps every ``interval`` seconds, jittered
-  so that workers do not sweep together; deleting is idempotent, so overlapping sweeps
-  are harmless;
+  so that workers rarely sweep together; deleting is idempotent, so an overlap loses
+  nothing on PostgreSQL. On MariaDB, overlapping sweeps were seen to deadlock each other
+  and the requests' saves (error 1213): there, prefer one sweeper (beat or cron);
 * a Celery beat task (``celery_beat_schedule`` below), if you run Celery;
 * cron: ``python -c 'from myapp import store; print(store.delete_expired())'``.
 

@@ -261,8 +261,15 @@ def test_bad_input_is_refused_with_what_to_do(db: DB) -> None:
         store.set("a", "text")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"max_age as a datetime\.timedelta"):
         SQLAlchemyStore(db.engine, db.model, max_age=3600)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="positive max_age"):
+    with pytest.raises(ValueError, match="max_age from more than 0 to 400 days"):
         store.set("a", b"x", max_age=dt.timedelta(0))
+    with pytest.raises(ValueError, match="max_age from 1 second to 400 days"):
+        SQLAlchemyStore(db.engine, db.model, max_age=dt.timedelta(milliseconds=500))
+    with pytest.raises(ValueError, match="max_age from 1 second to 400 days"):
+        SQLAlchemyStore(db.engine, db.model, max_age=dt.timedelta.max)
+    for bad in ("a b", "nul\x00", "tab\t", "caf\u00e9", "trailing "):
+        with pytest.raises(ValueError, match="visible ASCII characters"):
+            store.set(bad, b"x")
     with pytest.raises(TypeError, match="takes an Engine or a sessionmaker"):
         SQLAlchemyStore("sqlite://", db.model, max_age=HOUR)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="subclass of SessionModelMixin"):
@@ -307,7 +314,7 @@ def test_models_map_on_a_registry_and_as_your_own_subclass(tmp_path: Path) -> No
     store.set("s", b"d")
     assert store.get("s") == b"d"
     with pytest.raises(TypeError, match="subclass of"):
-        register_session_model(Base, dict)  # type: ignore[arg-type]
+        register_session_model(Base, dict)  # type: ignore[type-var]
     with pytest.raises(TypeError, match="takes a DeclarativeBase subclass"):
         create_session_model(object())
     engine.dispose()
@@ -420,6 +427,13 @@ def test_the_middleware_refuses_a_weak_secret_and_bad_cookie_settings(tmp_path: 
         SessionMiddleware(wsgi_app, store, secret_key="s" * 32, samesite="None", secure=False)
     with pytest.raises(TypeError, match="takes a SQLAlchemyStore"):
         SessionMiddleware(wsgi_app, object(), secret_key="s" * 32)  # type: ignore[arg-type]
+    for name in ("my session", "", "a;b", "é"):
+        with pytest.raises(ValueError, match=r"cookie_name=\.\.\.\) takes a cookie name"):
+            SessionMiddleware(wsgi_app, store, secret_key="s" * 32, cookie_name=name)
+    with pytest.raises(ValueError, match=r"path=\.\.\.\) takes a path"):
+        SessionMiddleware(wsgi_app, store, secret_key="s" * 32, path=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"domain=\.\.\.\) takes a domain"):
+        SessionMiddleware(wsgi_app, store, secret_key="s" * 32, domain=123)  # type: ignore[arg-type]
 
 
 def test_a_change_in_a_streamed_body_is_not_saved_and_says_so(
@@ -445,7 +459,7 @@ def test_a_change_in_a_streamed_body_is_not_saved_and_says_so(
     body = app({"PATH_INFO": "/"}, lambda *a: None)
     assert b"".join(body) == b"firstsecond"
     body.close()  # type: ignore[attr-defined]
-    assert "changed after start_response" in caplog.text
+    assert "changed after the response started" in caplog.text
     assert rows_of(engine, model) == []
     engine.dispose()
 

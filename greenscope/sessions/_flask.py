@@ -7,7 +7,17 @@ the view's ``db.session`` is neither committed nor rolled back by saving it.
 
 Flask saves the session after the view, also for a response its error handler made. A
 response with a status of 500 or more saves nothing here: what a failed request changed
-in the session is not kept.
+in the session is not kept. A change made while a streamed response is sent comes after
+Flask saved the session: it is not saved, and no warning says so.
+
+Settings: ``SESSION_COOKIE_NAME``, ``_DOMAIN``, ``_PATH``, ``_HTTPONLY``, ``_SECURE``,
+``_SAMESITE`` and ``_PARTITIONED`` shape the cookie; ``SECRET_KEY_FALLBACKS`` (Flask
+3.1) still verifies cookies signed with an older key. Not used: every session is
+permanent and lives the store's ``max_age`` after its last save
+(``PERMANENT_SESSION_LIFETIME`` and ``session.permanent`` change nothing), and a
+request that only reads the session does not extend it
+(``SESSION_REFRESH_EACH_REQUEST``): an active user who never changes the session is
+logged out ``max_age`` after the last change. Choose ``max_age`` for that.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the missing-extra 
     ) from exc
 
 from greenscope.sessions._store import SQLAlchemyStore
-from greenscope.sessions._wsgi import HTTPSession, decode, save, signer
+from greenscope.sessions._wsgi import HTTPSession, loader, save, signer
 
 __all__ = ["FlaskSessionInterface"]
 
@@ -59,40 +69,56 @@ class FlaskSessionInterface(SessionInterface):
             )
         return signer(app.secret_key)
 
+    def _verifier(self, app: Any) -> Any:
+        # itsdangerous tries every key, newest last, as Flask 3.1's own interface does.
+        fallbacks = app.config.get("SECRET_KEY_FALLBACKS") or []
+        if not fallbacks:
+            return self._signer(app)
+        self._signer(app)  # the missing-key error first
+        return signer([*fallbacks, app.secret_key])
+
     def open_session(self, app: Any, request: Any) -> FlaskHTTPSession:
         sid: str | None = None
         raw = request.cookies.get(self.get_cookie_name(app))
         if raw:
             try:
-                sid = self._signer(app).unsign(raw.encode()).decode()
+                sid = self._verifier(app).unsign(raw.encode()).decode()
             except Exception:  # a tampered or foreign cookie: a new session
                 sid = None
-        store = self.store
-        return FlaskHTTPSession(lambda: decode(store.get(sid)) if sid else {}, sid)
+        return FlaskHTTPSession(loader(self.store, sid), sid)
 
     def save_session(self, app: Any, session: Any, response: Any) -> None:
-        if not isinstance(session, FlaskHTTPSession) or not session.modified:
+        if not isinstance(session, FlaskHTTPSession):
+            return
+        if session.accessed:
+            response.vary.add("Cookie")
+        if not session.modified:
             return
         if response.status_code >= 500:
             session.modified = False  # a failed request keeps nothing
             return
+        sign = self._signer(app).sign  # before saving: a missing key fails with nothing kept
         name = self.get_cookie_name(app)
-        domain = self.get_cookie_domain(app)
-        path = self.get_cookie_path(app)
+        cookie: dict[str, Any] = {
+            "domain": self.get_cookie_domain(app),
+            "path": self.get_cookie_path(app),
+            "secure": self.get_cookie_secure(app),
+            "httponly": self.get_cookie_httponly(app),
+            "samesite": self.get_cookie_samesite(app),
+        }
+        partitioned = getattr(self, "get_cookie_partitioned", None)  # Flask 3.1
+        if partitioned is not None and partitioned(app):
+            cookie["partitioned"] = True
         new_sid, expire = save(self.store, session)
         session.modified = session.regenerated = False
+        response.vary.add("Cookie")
         if new_sid is None:
             if expire:
-                response.delete_cookie(name, domain=domain, path=path)
+                response.delete_cookie(name, **cookie)
             return
-        response.vary.add("Cookie")
         response.set_cookie(
             name,
-            self._signer(app).sign(new_sid.encode()).decode(),
+            sign(new_sid.encode()).decode(),
             max_age=int(self.store.max_age.total_seconds()),
-            httponly=self.get_cookie_httponly(app),
-            domain=domain,
-            path=path,
-            secure=self.get_cookie_secure(app),
-            samesite=self.get_cookie_samesite(app),
+            **cookie,
         )

@@ -9,7 +9,7 @@ the expression is built.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import DateTime, LargeBinary, String
 from sqlalchemy.dialects import mysql
@@ -68,7 +68,8 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 class SessionModelMixin:
     """The columns of a server-side HTTP session, to mix into a mapped class.
 
-    ``session_id`` (a string of up to 255 characters, the primary key), ``data`` (bytes;
+    ``session_id`` (up to 255 visible ASCII characters, the primary key; compared
+    case-sensitively on MySQL and MariaDB too), ``data`` (bytes;
     up to 16 MB on MySQL and MariaDB, ``MEDIUMBLOB``) and ``expires_at`` (timezone-aware,
     stored in UTC, indexed for :meth:`SQLAlchemyStore.delete_expired`). Map it with
     :func:`create_session_model`, or subclass it yourself (to add columns or table
@@ -77,7 +78,14 @@ class SessionModelMixin:
     .. versionadded:: 0.3
     """
 
-    session_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # Binary on MySQL and MariaDB: their default collations compare case-insensitively,
+    # and another user's id differing only in case must not match.
+    session_id: Mapped[str] = mapped_column(
+        String(255).with_variant(
+            mysql.VARCHAR(255, charset="ascii", collation="ascii_bin"), "mysql", "mariadb"
+        ),
+        primary_key=True,
+    )
     data: Mapped[bytes] = mapped_column(
         LargeBinary().with_variant(mysql.MEDIUMBLOB(), "mysql", "mariadb")
     )
@@ -92,6 +100,9 @@ class SessionModelMixin:
     @classmethod
     def _expired_expression(cls) -> ColumnElement[bool]:
         return cls.expires_at <= utcnow()
+
+
+_Model = TypeVar("_Model", bound=SessionModelMixin)
 
 
 def _registry_of(base: Any, call: str) -> registry:
@@ -131,7 +142,7 @@ def create_session_model(base: Any, table_name: str = "session") -> type[Session
     return mapped
 
 
-def register_session_model(base: Any, model: type[SessionModelMixin]) -> type[SessionModelMixin]:
+def register_session_model(base: Any, model: type[_Model]) -> type[_Model]:
     """Map ``model``, your own subclass of :class:`SessionModelMixin`, on ``base``.
 
     For a model that needs more than the mixin: extra columns, ``__table_args__`` (a

@@ -21,10 +21,12 @@ for a lock that only this greenlet can release: it is refused at once, with what
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
 import weakref
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -51,16 +53,32 @@ def _check_id(session_id: object, call: str) -> str:
             f"SQLAlchemyStore.{call}: a session id has at most {MAX_ID_LENGTH} characters; "
             f"got {len(session_id)}"
         )
+    if not _ID.fullmatch(session_id):
+        # Visible ASCII only: no NUL (PostgreSQL refuses it), and no spaces, which
+        # MySQL's PAD SPACE collations would ignore at the end of an id.
+        raise ValueError(
+            f"SQLAlchemyStore.{call} takes a session id of visible ASCII characters (no "
+            f"spaces or control characters); got {session_id!r}"
+        )
     return session_id
 
 
-def _check_max_age(max_age: object, call: str) -> dt.timedelta:
+_ID = re.compile(r"[\x21-\x7e]+")
+# Browsers keep a cookie at most 400 days (RFC 6265bis); a Max-Age is whole seconds.
+MAX_AGE_LIMIT = dt.timedelta(days=400)
+
+
+def _check_max_age(max_age: object, call: str, minimum: dt.timedelta) -> dt.timedelta:
     if not isinstance(max_age, dt.timedelta):
         raise TypeError(
             f"{call} takes max_age as a datetime.timedelta; got {type(max_age).__name__}"
         )
-    if max_age <= dt.timedelta(0):
-        raise ValueError(f"{call} takes a positive max_age; got {max_age!r}")
+    if max_age < minimum or max_age <= dt.timedelta(0) or max_age > MAX_AGE_LIMIT:
+        least = "1 second" if minimum else "more than 0"
+        raise ValueError(
+            f"{call} takes a max_age from {least} to 400 days (browsers keep a cookie 400 "
+            f"days at most); got {max_age!r}"
+        )
     return max_age
 
 
@@ -112,7 +130,10 @@ class SQLAlchemyStore(Generic[_M]):
                 "create it with create_session_model(base) or register_session_model(base, "
                 "model)"
             )
-        self.max_age = _check_max_age(max_age, "greenscope.sessions.SQLAlchemyStore(...)")
+        # At least a second: it is the cookie's Max-Age, in whole seconds (0 deletes it).
+        self.max_age = _check_max_age(
+            max_age, "greenscope.sessions.SQLAlchemyStore(...)", dt.timedelta(seconds=1)
+        )
         self.model = model
         self.Session: scoped_session[Session] = scoped_session(factory)
         # Not request-scoped: every call removes its own Session before it returns.
@@ -142,16 +163,35 @@ class SQLAlchemyStore(Generic[_M]):
         expiry to now + ``max_age`` (default: the store's). One atomic upsert: many
         greenlets setting one id at once leave one row, and no error."""
         _check_id(session_id, "set(session_id, data)")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(
-                "SQLAlchemyStore.set(session_id, data) takes bytes (serialize the session "
-                f"yourself, e.g. json.dumps(...).encode()); got {type(data).__name__}"
-            )
-        age = self.max_age if max_age is None else _check_max_age(max_age, "set(max_age=...)")
-        values = {"session_id": session_id, "data": bytes(data), "expires_at": utcnow() + age}
+        values = self._values(session_id, data, max_age, "set")
         with session_scope(self.Session, commit=True) as session:
             self._refuse_sqlite_self_lock(session)
             session.execute(self._upsert(session, values))
+
+    def update(
+        self,
+        session_id: str,
+        data: bytes | bytearray | memoryview,
+        max_age: dt.timedelta | None = None,
+    ) -> bool:
+        """Like :meth:`set`, but only for a session that exists and has not expired:
+        return False, and write nothing, for one that is gone. The middleware saves a
+        known session this way, so that a request still running cannot bring back a
+        session another request deleted (a log-out)."""
+        _check_id(session_id, "update(session_id, data)")
+        values = self._values(session_id, data, max_age, "update")
+        m = self.model
+        now = utcnow()
+        query = (
+            update(m)
+            .where(m.session_id == session_id, m.expires_at > now)
+            .values(data=values["data"], expires_at=values["expires_at"])
+            .execution_options(synchronize_session=False)
+        )
+        with session_scope(self.Session, commit=True) as session:
+            self._refuse_sqlite_self_lock(session)
+            result: Any = session.execute(query)
+        return bool(result.rowcount)
 
     def delete(self, session_id: str) -> None:
         """Forget ``session_id`` (nothing happens if it is missing)."""
@@ -179,6 +219,21 @@ class SQLAlchemyStore(Generic[_M]):
             self._refuse_sqlite_self_lock(session)
             result: Any = session.execute(delete(m).where(m.expires_at <= utcnow()))
         return int(result.rowcount)
+
+    def _values(
+        self, session_id: str, data: object, max_age: dt.timedelta | None, call: str
+    ) -> dict[str, Any]:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(
+                f"SQLAlchemyStore.{call}(session_id, data) takes bytes (serialize the "
+                f"session yourself, e.g. json.dumps(...).encode()); got {type(data).__name__}"
+            )
+        age = (
+            self.max_age
+            if max_age is None
+            else _check_max_age(max_age, f"{call}(max_age=...)", dt.timedelta(0))
+        )
+        return {"session_id": session_id, "data": bytes(data), "expires_at": utcnow() + age}
 
     # -- dialects -----------------------------------------------------------------------
 
@@ -223,15 +278,12 @@ class SQLAlchemyStore(Generic[_M]):
         engine = session.get_bind(self.model).engine
         if engine.dialect.name != "sqlite":
             return
-        database = engine.url.database or ""
+        database = _sqlite_file(engine)
         for app_session in _registry.current_sessions():
             if app_session is session:
                 continue
             for conn in _registry._opened_connections(app_session.get_transaction()):
-                if (
-                    conn.engine.dialect.name != "sqlite"
-                    or (conn.engine.url.database or "") != database
-                ):
+                if conn.engine.dialect.name != "sqlite" or _sqlite_file(conn.engine) != database:
                     continue
                 dbapi = getattr(conn.connection, "dbapi_connection", None)
                 if getattr(dbapi, "in_transaction", False):
@@ -243,3 +295,12 @@ class SQLAlchemyStore(Generic[_M]):
                         "session is saved, or keep the sessions table in another database "
                         "file."
                     )
+
+
+def _sqlite_file(engine: Engine) -> str:
+    """The database file an SQLite engine opens, resolved: a relative and an absolute URL
+    of one file name it the same. ``:memory:`` and ``""`` stay as they are."""
+    database = engine.url.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return database
+    return os.path.realpath(database)

@@ -6,23 +6,36 @@ The cookie holds a random id, signed (itsdangerous), never the data; the data li
 
 When it is saved, and when not:
 
-* Saved when the app calls ``start_response`` with a status below 500, before the
-  response is sent, so the ``Set-Cookie`` header can go with it. A failing save fails
-  the request (the app sees the error from ``start_response``).
-* A 5xx response, or an app that raises before ``start_response``, saves nothing: what a
-  failed request changed in the session is not kept.
-* A streamed body that changes the session *after* ``start_response`` can no longer be
+* The app's ``start_response`` is held back until the response's first chunk exists: a
+  body produced whole (a list, a ``wsgi.file_wrapper``) when the app returns, a streamed
+  one when it yields its first chunk, the legacy ``write()`` at its first call. Only
+  then, if the status is below 500 and no ``exc_info`` was given, is a modified session
+  saved and its ``Set-Cookie`` added, and the server's ``start_response`` called. A
+  failing save fails the request before anything is sent.
+* A 5xx response, an app that raises before its first chunk (also after calling
+  ``start_response``), or one that calls ``start_response`` again with ``exc_info``,
+  saves nothing: what a failed request changed in the session is not kept.
+* A streamed body that changes the session *after* its first chunk can no longer be
   saved honestly (the headers are gone, and the request may still fail): those changes
   are dropped with a WARNING, like greenscope.wsgi's late writes.
+* A session that ended while the request ran (logged out by another request, expired)
+  is not brought back by saving it: the change is dropped and the cookie expired. An id
+  whose session is gone when it is loaded is never reused: the next save takes a new id.
+* Concurrent requests of one session each save the whole session: the last save wins,
+  and a key the other request added is lost (see the sessions guide).
+
+A response that read or set the session carries ``Vary: Cookie``, so that no shared
+cache serves one user's page to another.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
-from http.cookies import CookieError, SimpleCookie
+from http.cookies import SimpleCookie
 from typing import Any
 
 from greenscope.sessions._store import SQLAlchemyStore
@@ -34,6 +47,8 @@ logger = logging.getLogger("greenscope")
 ENVIRON_KEY = "greenscope.session"
 _SALT = "greenscope.sessions"
 _SAMESITE = {"Strict", "Lax", "None"}
+# RFC 6265's cookie-name: an RFC 7230 token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def new_id() -> str:
@@ -41,7 +56,9 @@ def new_id() -> str:
     return secrets.token_urlsafe(32)
 
 
-def signer(secret_key: str | bytes, salt: str = _SALT) -> Any:
+def signer(secret_key: str | bytes | list[Any], salt: str = _SALT) -> Any:
+    """An itsdangerous Signer; with a list of keys, it verifies with any, signs with the
+    last."""
     try:
         from itsdangerous import Signer  # noqa: PLC0415 - the sessions extra
     except ImportError as exc:
@@ -60,21 +77,29 @@ class HTTPSession(MutableMapping[str, Any]):
     new id and keeps its data, against session fixation (call it at log-in).
     """
 
-    def __init__(self, load: Callable[[], dict[str, Any]], session_id: str | None) -> None:
-        self._load = load
+    def __init__(self, load: Callable[[], dict[str, Any] | None], session_id: str | None) -> None:
+        self._load = load  # None: the cookie's session is gone (ended, expired)
         self._data: dict[str, Any] | None = None
-        self.session_id = session_id  # None: no valid cookie; made on the first save
+        self.session_id = session_id  # None: no live session; a new id on the first save
         self.modified = False
         self.regenerated = False
+        self.accessed = False  # read or loaded: the response depends on the cookie
 
     @property
     def new(self) -> bool:
-        """True when the request brought no valid session cookie."""
+        """True when the request brought no cookie of a live session."""
+        self._d()
         return self.session_id is None
 
     def _d(self) -> dict[str, Any]:
         if self._data is None:
-            self._data = self._load()
+            self.accessed = True
+            data = self._load()
+            if data is None:
+                # Its session ended (logged out, expired): never bring that id back.
+                self.session_id = None
+                data = {}
+            self._data = data
         return self._data
 
     def __getitem__(self, key: str) -> Any:
@@ -128,11 +153,25 @@ def decode(raw: bytes | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def loader(store: SQLAlchemyStore[Any], sid: str | None) -> Callable[[], dict[str, Any] | None]:
+    """What :class:`HTTPSession` loads: the session's data, None if its row is gone."""
+
+    def load() -> dict[str, Any] | None:
+        if sid is None:
+            return {}
+        raw = store.get(sid)
+        return None if raw is None else decode(raw)
+
+    return load
+
+
 def save(store: SQLAlchemyStore[Any], session: HTTPSession) -> tuple[str | None, bool]:
     """Write a modified session to the store; return (the id for the cookie, expire it).
 
-    An emptied session is deleted and its cookie expired; a regenerated one moves to a
-    new id (the old row deleted).
+    An emptied session is deleted and its cookie expired; a regenerated (or new) one
+    gets a new id (the old row deleted). A known id is only updated while its row is
+    live: a session another request ended meanwhile (a log-out) is not brought back, its
+    change is dropped and its cookie expired.
     """
     data = session.data()
     old = session.session_id
@@ -140,12 +179,48 @@ def save(store: SQLAlchemyStore[Any], session: HTTPSession) -> tuple[str | None,
         if old is not None:
             store.delete(old)
         return None, old is not None
-    sid = new_id() if old is None or session.regenerated else old
+    if old is not None and not session.regenerated:
+        if store.update(old, encode(data)):
+            return old, False
+        logger.info(
+            "greenscope.sessions: a request changed a session that ended while it ran "
+            "(logged out or expired); the change is dropped and the cookie expired"
+        )
+        session.session_id = None
+        return None, True
+    sid = new_id()
     store.set(sid, encode(data))
-    if old is not None and sid != old:
+    if old is not None:
         store.delete(old)
     session.session_id = sid
     return sid, False
+
+
+def cookie_value(raw: str, name: str) -> str | None:
+    """The value of cookie ``name`` in a ``Cookie`` header, or None.
+
+    Not ``SimpleCookie``: it stops at the first cookie it cannot parse, and another
+    site's or framework's cookie (JSON, spaces, a stray quote) would then hide ours.
+    """
+    for part in raw.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value
+    return None
+
+
+def add_vary_cookie(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` with ``Cookie`` in their ``Vary`` (merged into one already there)."""
+    for i, (name, value) in enumerate(headers):
+        if name.lower() == "vary":
+            fields = {f.strip().lower() for f in value.split(",")}
+            if "cookie" in fields or "*" in fields:
+                return headers
+            return [*headers[:i], (name, f"{value}, Cookie"), *headers[i + 1 :]]
+    return [*headers, ("Vary", "Cookie")]
 
 
 def cookie_header(
@@ -222,6 +297,17 @@ class SessionMiddleware:
             )
         if samesite == "None" and not secure:
             raise ValueError("SessionMiddleware: browsers refuse SameSite=None without Secure")
+        if not isinstance(cookie_name, str) or not _TOKEN.fullmatch(cookie_name):
+            raise ValueError(
+                "SessionMiddleware(cookie_name=...) takes a cookie name: letters, digits "
+                f"and !#$%&'*+-.^_`|~, no spaces or separators; got {cookie_name!r}"
+            )
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"SessionMiddleware(path=...) takes a path such as '/'; got {path!r}")
+        if domain is not None and (not isinstance(domain, str) or not domain):
+            raise ValueError(
+                f"SessionMiddleware(domain=...) takes a domain name or None; got {domain!r}"
+            )
         self.app = app
         self.store = store
         self.signer = signer(secret_key)
@@ -238,43 +324,45 @@ class SessionMiddleware:
         raw = environ.get("HTTP_COOKIE")
         if not raw:
             return None
-        try:
-            morsel = SimpleCookie(raw).get(self.cookie_name)
-        except CookieError:
-            return None
-        if morsel is None:
+        value = cookie_value(raw, self.cookie_name)
+        if not value:
             return None
         try:
-            value = self.signer.unsign(morsel.value.encode())
+            sid: str = self.signer.unsign(value.encode()).decode()
         except Exception:  # itsdangerous.BadSignature and friends: a tampered cookie
             return None
-        sid: str = value.decode()
         return sid
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         sid = self._session_id(environ)
-        store = self.store
-        session = HTTPSession(lambda: decode(store.get(sid)) if sid else {}, sid)
+        session = HTTPSession(loader(self.store, sid), sid)
         environ[ENVIRON_KEY] = session
-        started: list[bool] = []
+        response = _Response(self, session, start_response)
+        body = self.app(environ, response.start_response)
+        if isinstance(body, (list, tuple)):
+            response.flush()  # produced whole: no app code runs while it is sent
+            return body
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
+            response.flush()  # returned as is, so the server can still use sendfile()
+            return body
+        return _Body(body, response)
 
-        def session_start_response(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
-            code = int(status[:3]) if status[:3].isdigit() else 500
-            if session.modified and code < 500 and not exc:
-                new_sid, expire = save(store, session)
-                if new_sid is not None:
-                    signed = self.signer.sign(new_sid.encode()).decode()
-                    age = int(store.max_age.total_seconds())
-                    headers = [*headers, ("Set-Cookie", self._cookie(signed, age))]
-                elif expire:
-                    headers = [*headers, ("Set-Cookie", self._cookie("", 0))]
-            # Saved, or (a 5xx, an error) dropped: from here on a change is too late.
-            session.modified = session.regenerated = False
-            started.append(True)
-            return start_response(status, headers, *exc)
-
-        body = self.app(environ, session_start_response)
-        return _Watched(body, session, started)
+    def headers_for(
+        self, session: HTTPSession, headers: list[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        """Save a modified session; ``headers`` with its ``Set-Cookie`` and ``Vary``."""
+        if session.modified:
+            new_sid, expire = save(self.store, session)
+            if new_sid is not None:
+                signed = self.signer.sign(new_sid.encode()).decode()
+                age = int(self.store.max_age.total_seconds())
+                headers = [*headers, ("Set-Cookie", self._cookie(signed, age))]
+            elif expire:
+                headers = [*headers, ("Set-Cookie", self._cookie("", 0))]
+        if session.accessed:
+            headers = add_vary_cookie(headers)
+        return headers
 
     def _cookie(self, value: str, max_age: int) -> str:
         c = self.cookie
@@ -290,26 +378,96 @@ class SessionMiddleware:
         )
 
 
-class _Watched:
-    """The app's body, passed through; at ``close()``, warn about changes made too late."""
+class _Response:
+    """One response: the app's ``start_response`` held until its first chunk exists.
 
-    def __init__(self, body: Iterable[bytes], session: HTTPSession, started: list[bool]) -> None:
-        self.body = body
+    Greenlet and thread safety: used by the request's greenlet, and by whoever iterates
+    its body (one at a time, as WSGI servers do).
+    """
+
+    __slots__ = ("exc_info", "headers", "middleware", "session", "started", "status", "write")
+
+    def __init__(
+        self, middleware: SessionMiddleware, session: HTTPSession, start_response: StartResponse
+    ) -> None:
+        self.middleware = middleware
         self.session = session
-        self.started = started
+        self.write = start_response  # the server's, until it is called
+        self.status: str | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.exc_info: Any = None
+        self.started = False
 
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self.body)
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], object]:
+        """The app's ``start_response``: recorded, not sent yet (see the module)."""
+        if self.started:
+            # Headers already sent: only an error may call again, and the server raises.
+            return self.write(status, headers, exc_info)  # type: ignore[no-any-return]
+        if exc_info is not None:
+            self.exc_info = exc_info  # a failure: nothing of this request is kept
+        self.status, self.headers = status, list(headers)
+        return self._legacy_write
+
+    def _legacy_write(self, data: bytes) -> object:
+        # The legacy write() callable sends at once: the response starts here.
+        self.flush()
+        return self.write(data)
+
+    def flush(self) -> None:
+        """The first chunk exists: save the session if the response succeeded so far,
+        then call the server's ``start_response``. Once; before it, nothing is sent."""
+        if self.started or self.status is None:
+            return  # no status: the server reports the app's error itself
+        session = self.session
+        headers = self.headers
+        code = int(self.status[:3]) if self.status[:3].isdigit() else 500
+        if code >= 500 or self.exc_info is not None:
+            session.modified = False  # a failed request keeps nothing
+        headers = self.middleware.headers_for(session, headers)
+        # Saved, or dropped: from here on a change is too late.
+        session.modified = session.regenerated = False
+        self.started = True
+        self.write = self.write(self.status, headers, self.exc_info)
+
+
+class _Body:
+    """A streamed body: the response starts at its first chunk; at ``close()``, warn
+    about session changes made too late."""
+
+    __slots__ = ("_close", "_iterator", "_response")
+
+    def __init__(self, body: Iterable[bytes], response: _Response) -> None:
+        self._close: Callable[[], object] | None = getattr(body, "close", None)
+        self._iterator: Iterator[bytes] = iter(body)
+        self._response = response
+
+    def __iter__(self) -> _Body:
+        return self
+
+    def __next__(self) -> bytes:
+        response = self._response
+        try:
+            chunk = next(self._iterator)
+        except StopIteration:
+            response.flush()  # an empty body: the response starts now
+            raise
+        except BaseException:
+            response.session.modified = False  # failed before (or while) sending
+            raise
+        response.flush()
+        return chunk
 
     def close(self) -> None:
         try:
-            close = getattr(self.body, "close", None)
-            if close is not None:
-                close()
+            if self._close is not None:
+                self._close()
         finally:
-            if self.started and self.session.modified:
+            response = self._response
+            if response.started and response.session.modified:
                 logger.warning(
-                    "greenscope.sessions: the session was changed after start_response "
-                    "(in a streamed body); the change is not saved. Change the session "
-                    "before the response starts."
+                    "greenscope.sessions: the session was changed after the response "
+                    "started (in a streamed body); the change is not saved. Change the "
+                    "session before the body's first chunk."
                 )
