@@ -15,7 +15,8 @@ from setuptools import Extension, setup
 
 
 def _extensions() -> list[Extension]:
-    if os.environ.get("GREENSCOPE_NO_EXTENSIONS") or platform.python_implementation() != "CPython":
+    skip = os.environ.get("GREENSCOPE_NO_EXTENSIONS", "").strip().lower()
+    if skip not in ("", "0", "false", "no") or platform.python_implementation() != "CPython":
         return []
     try:
         from Cython.Build import cythonize  # noqa: PLC0415 - only when building it
@@ -23,7 +24,13 @@ def _extensions() -> list[Extension]:
         return []
     extensions: list[Extension] = cythonize(
         [Extension("greenscope._hot", ["greenscope/_hot.py"], optional=True)],
-        compiler_directives={"language_level": "3", "auto_pickle": False},
+        compiler_directives={
+            "language_level": "3",
+            "auto_pickle": False,
+            # Its methods only read the current greenlet's dict: safe without the GIL, so
+            # importing it does not turn the GIL back on in a free-threaded build.
+            "freethreading_compatible": True,
+        },
         quiet=True,
     )
     for extension in extensions:

@@ -19,7 +19,14 @@ no compiled module sits beside it. Both behave the same; the test suite runs on 
 The bases hold no fields of their own (``_key`` is in their subclass's
 ``__slots__``, ``_greenscope_key`` in its instance dict), so they combine with
 SQLAlchemy's slotted ``ScopedRegistry`` and its ``scoped_session`` without a layout
-conflict, and ``__class__`` assignment between their subclasses stays possible.
+conflict, and ``__class__`` assignment between their subclasses stays possible (not
+between ``greenscope.scoped_session`` and SQLAlchemy's own, whose layouts differ now).
+Compiled, the bases are extension types: ``GreenletRegistry.__new__`` is
+``object.__new__`` (so ``copy`` and subclasses' ``super().__new__`` work), and
+``__signature__`` gives ``inspect.signature()`` the Python signature of ``__call__``.
+
+The hit reads this module's ``getcurrent`` (greenlet's): patching
+``greenscope._registry.getcurrent`` in a test does not reach it; patch this one too.
 
 Greenlet safety: each method reads the current greenlet's own dict once and never
 switches; a miss runs the subclass's Python slow path, unchanged.

@@ -42,6 +42,7 @@ GIL builds, approximate on free-threaded ones.
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import os
 import sys
@@ -524,6 +525,35 @@ def _invalidate_opened(tx: Any) -> None:
                 logger.exception("greenscope: invalidating a connection failed too")
 
 
+_Self = TypeVar("_Self")
+
+
+class CallSignature:
+    """``inspect.signature()`` of an instance: its ``__call__`` as written in Python.
+
+    A compiled ``__call__`` (greenscope/_hot.py) is a C slot, which ``inspect`` reports as
+    ``(*args, **kwargs)``: tools that read the signature (``mock.create_autospec``,
+    dependency injectors) would see the wrong one. The class itself gets its constructor's
+    (``__init__``'s).
+    """
+
+    def __init__(self, like: Callable[..., object]) -> None:
+        self.signature = inspect.signature(like)  # annotations as written: strings
+
+    def __get__(self, obj: object, cls: type | None = None) -> inspect.Signature | None:
+        if obj is not None:
+            return self.signature
+        if cls is None:
+            return None
+        # The class: its constructor's, from __init__ (a __new__ that only forwards to
+        # object.__new__ would otherwise show as (*args, **kwargs)).
+        init = inspect.signature(cls.__init__)  # type: ignore[misc]
+        return init.replace(parameters=list(init.parameters.values())[1:])
+
+    def __repr__(self) -> str:
+        return f"<CallSignature {self.signature}>"
+
+
 class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
     """SQLAlchemy's registry protocol keyed on the current greenlet.
 
@@ -604,6 +634,17 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
     if TYPE_CHECKING:
 
         def __call__(self) -> _T: ...
+
+    def _signature() -> _T: ...  # type: ignore[empty-body,misc]
+
+    __signature__ = CallSignature(_signature)
+    del _signature
+
+    def __new__(cls: type[_Self], *args: Any, **kwargs: Any) -> _Self:
+        # Compiled, RegistryHit is an extension type with a tp_new of its own, which
+        # copy.copy(), deepcopy() and a subclass's super().__new__(cls) would reach and
+        # CPython refuses ("is not safe"); the instance needs nothing from it.
+        return object.__new__(cls)
 
     def has(self) -> bool:
         """True if the current greenlet holds a value."""

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 
 from greenscope._hot import ScopedHit
-from greenscope._registry import GreenletRegistry, close_or_release
+from greenscope._registry import CallSignature, GreenletRegistry, close_or_release
 
 __all__ = ["scoped_session", "session_scope"]
 
@@ -69,7 +69,11 @@ class scoped_session(ScopedHit, _sa_scoped_session[_S]):
         if scopefunc:
             super().__init__(session_factory, scopefunc)
             self._greenscope_key: str | None = None
-            self.__class__ = _KeyedByScopefunc  # SQLAlchemy's own fast paths, unwrapped
+            if type(self) is scoped_session:
+                # SQLAlchemy's own fast paths, unwrapped. A subclass keeps its class (and
+                # its overrides): its hits miss the greenlet's dict (no key there) and
+                # take SQLAlchemy's path, at the cost of one lookup.
+                self.__class__ = _KeyedByScopefunc
             return
         self.session_factory = session_factory
         registry = GreenletRegistry(session_factory)
@@ -95,10 +99,16 @@ class scoped_session(ScopedHit, _sa_scoped_session[_S]):
         except KeyError:
             return self.registry()
 
+    # inspect.signature(Session): this __call__'s, not the compiled slot's (*args, **kwargs).
+    def _signature(**kw: Any) -> _S: ...  # type: ignore[empty-body]
+
+    __signature__ = CallSignature(_signature)
+    del _signature
+
     def _greenscope_miss(self, kw: dict[str, Any]) -> _S:
-        # A miss or keyword arguments: SQLAlchemy's own path, with its checks and
-        # warnings. Named explicitly: super() would find ScopedHit.__call__ again.
-        return _sa_scoped_session.__call__(self, **kw)
+        # A miss or keyword arguments: the next __call__ after ScopedHit's in the MRO
+        # (SQLAlchemy's, or a cooperative mixin's before it), with its checks and warnings.
+        return super(ScopedHit, self).__call__(**kw)
 
     def configure(self, **kwargs: Any) -> None:
         """Reconfigure the ``sessionmaker``; warn if Sessions it cannot affect exist.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -147,4 +149,71 @@ def test_a_scoped_session_subclass_may_override_call() -> None:
     s = session()
     assert session() is s
     assert Audited.calls == 2
+    session.remove()
+
+
+def test_a_cooperative_mixin_after_greenscope_still_sees_the_miss() -> None:
+    """A mixin's __call__ between greenscope and SQLAlchemy in the MRO runs on a miss."""
+    calls: list[dict[str, object]] = []
+
+    class Audit(sa_scoped_session[Session]):
+        def __call__(self, **kw: object) -> Session:
+            calls.append(kw)
+            return super().__call__(**kw)
+
+    class Mine(greenscope.scoped_session[Session], Audit):
+        pass
+
+    session = Mine(sessionmaker())
+    s = session()
+    assert session() is s
+    assert calls == [{}]
+    session.remove()
+
+
+def test_registries_and_scoped_sessions_copy_and_subclass_new() -> None:
+    """copy, deepcopy and a subclass's super().__new__ work over the compiled bases."""
+    registry: GreenletRegistry[object] = GreenletRegistry(object)
+    assert copy.copy(registry)._key == registry._key
+    assert isinstance(copy.deepcopy(registry), GreenletRegistry)
+    assert isinstance(copy.deepcopy(greenscope.scoped_session(sessionmaker())), sa_scoped_session)
+
+    class Single(GreenletRegistry[object]):
+        def __new__(cls, *args: object, **kwargs: object) -> Single:
+            return super().__new__(cls)
+
+    single = Single(object)
+    assert single() is single()
+    single.clear()
+
+
+def test_signatures_are_the_python_ones() -> None:
+    """inspect.signature of Session and registry is their __call__'s, the class's its own."""
+    session = greenscope.scoped_session(sessionmaker())
+    assert str(inspect.signature(session)) == "(**kw: 'Any') -> '_S'"
+    assert str(inspect.signature(session.registry)) == "() -> '_T'"
+    assert "session_factory" in inspect.signature(greenscope.scoped_session).parameters
+    assert "createfunc" in inspect.signature(GreenletRegistry).parameters
+
+
+def test_a_subclass_built_with_a_scopefunc_keeps_its_class() -> None:
+    """With a scopefunc, an app's subclass stays itself, and its __call__ still runs."""
+
+    class Mine(greenscope.scoped_session[Session]):
+        calls = 0
+
+        def __call__(self, **kw: object) -> Session:
+            type(self).calls += 1
+            return super().__call__(**kw)
+
+    scope = ["a"]
+    session = Mine(sessionmaker(), scopefunc=lambda: scope[0])
+    assert type(session) is Mine
+    a = session()
+    scope[0] = "b"
+    assert session() is not a
+    assert session.is_active
+    assert Mine.calls == 2
+    session.remove()
+    scope[0] = "a"
     session.remove()
