@@ -370,3 +370,58 @@ def test_flask_secret_key_fallbacks_keep_sessions_across_a_rotation(env: Env) ->
     client.get("/login")
     app.config.update(SECRET_KEY="n" * 32, SECRET_KEY_FALLBACKS=["k" * 32])
     assert client.get("/who").text == "alice"
+
+
+def test_an_error_after_the_first_chunk_reaches_the_servers_start_response(env: Env) -> None:
+    """start_response(..., exc_info) after the headers went out goes to the server's."""
+    calls: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        yield b"first"
+        try:
+            raise ValueError("mid-stream")
+        except ValueError:
+            import sys  # noqa: PLC0415
+
+            start_response("500 Internal Server Error", [], sys.exc_info())
+
+    def server_start_response(status: str, headers: list[Any], exc_info: Any = None) -> Any:
+        calls.append((status, exc_info is not None))
+        if exc_info is not None:
+            raise exc_info[1].with_traceback(exc_info[2])  # as PEP 3333 servers do
+        return lambda data: None
+
+    mw = SessionMiddleware(app, env.store, secret_key=SECRET)
+    body = mw({"PATH_INFO": "/"}, server_start_response)
+    with pytest.raises(ValueError, match="mid-stream"):
+        list(body)
+    assert calls == [("200 OK", False), ("500 Internal Server Error", True)]
+
+
+def test_a_failing_save_closes_a_file_body_the_server_never_gets(env: Env) -> None:
+    """The store is down when a file body is returned: the error, and the file closed."""
+
+    class FileWrapper:
+        def __init__(self, f: Any, blksize: int = 8192) -> None:
+            self.f = f
+
+        def __iter__(self) -> Iterator[bytes]:
+            return iter([self.f.read()])
+
+        def close(self) -> None:
+            self.f.close()
+
+    opened = io.BytesIO(b"file")
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        environ["greenscope.session"]["n"] = 1
+        start_response("200 OK", [])
+        return environ["wsgi.file_wrapper"](opened)
+
+    env.engine.dispose()
+    env.model.__table__.drop(env.engine)  # type: ignore[attr-defined]
+    mw = SessionMiddleware(app, env.store, secret_key=SECRET)
+    with pytest.raises(Exception, match="no such table"):
+        mw({"PATH_INFO": "/", "wsgi.file_wrapper": FileWrapper}, lambda *a: None)
+    assert opened.closed

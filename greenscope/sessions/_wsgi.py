@@ -339,12 +339,19 @@ class SessionMiddleware:
         environ[ENVIRON_KEY] = session
         response = _Response(self, session, start_response)
         body = self.app(environ, response.start_response)
-        if isinstance(body, (list, tuple)):
-            response.flush()  # produced whole: no app code runs while it is sent
-            return body
         file_wrapper = environ.get("wsgi.file_wrapper")
-        if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
-            response.flush()  # returned as is, so the server can still use sendfile()
+        if isinstance(body, (list, tuple)) or (
+            isinstance(file_wrapper, type) and isinstance(body, file_wrapper)
+        ):
+            # Produced whole (no app code runs while it is sent), or a file returned as
+            # is so the server can still use sendfile(): the response starts now.
+            try:
+                response.flush()
+            except BaseException:
+                close = getattr(body, "close", None)  # the server never sees this body
+                if close is not None:
+                    close()
+                raise
             return body
         return _Body(body, response)
 
@@ -385,14 +392,24 @@ class _Response:
     its body (one at a time, as WSGI servers do).
     """
 
-    __slots__ = ("exc_info", "headers", "middleware", "session", "started", "status", "write")
+    __slots__ = (
+        "exc_info",
+        "headers",
+        "middleware",
+        "server_start_response",
+        "session",
+        "started",
+        "status",
+        "write",
+    )
 
     def __init__(
         self, middleware: SessionMiddleware, session: HTTPSession, start_response: StartResponse
     ) -> None:
         self.middleware = middleware
         self.session = session
-        self.write = start_response  # the server's, until it is called
+        self.server_start_response = start_response
+        self.write: Callable[[bytes], object] | None = None  # the server's, once started
         self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
         self.exc_info: Any = None
@@ -404,7 +421,7 @@ class _Response:
         """The app's ``start_response``: recorded, not sent yet (see the module)."""
         if self.started:
             # Headers already sent: only an error may call again, and the server raises.
-            return self.write(status, headers, exc_info)  # type: ignore[no-any-return]
+            return self.server_start_response(status, headers, exc_info)  # type: ignore[no-any-return]
         if exc_info is not None:
             self.exc_info = exc_info  # a failure: nothing of this request is kept
         self.status, self.headers = status, list(headers)
@@ -413,6 +430,8 @@ class _Response:
     def _legacy_write(self, data: bytes) -> object:
         # The legacy write() callable sends at once: the response starts here.
         self.flush()
+        if self.write is None:
+            raise AssertionError("write() before start_response()")
         return self.write(data)
 
     def flush(self) -> None:
@@ -429,7 +448,7 @@ class _Response:
         # Saved, or dropped: from here on a change is too late.
         session.modified = session.regenerated = False
         self.started = True
-        self.write = self.write(self.status, headers, self.exc_info)
+        self.write = self.server_start_response(self.status, headers, self.exc_info)
 
 
 class _Body:
