@@ -533,22 +533,15 @@ class CallSignature:
 
     A compiled ``__call__`` (greenscope/_hot.py) is a C slot, which ``inspect`` reports as
     ``(*args, **kwargs)``: tools that read the signature (``mock.create_autospec``,
-    dependency injectors) would see the wrong one. The class itself gets its constructor's
-    (``__init__``'s).
+    dependency injectors) would see the wrong one. The class itself gets None: its
+    signature stays its constructor's.
     """
 
     def __init__(self, like: Callable[..., object]) -> None:
         self.signature = inspect.signature(like)  # annotations as written: strings
 
     def __get__(self, obj: object, cls: type | None = None) -> inspect.Signature | None:
-        if obj is not None:
-            return self.signature
-        if cls is None:
-            return None
-        # The class: its constructor's, from __init__ (a __new__ that only forwards to
-        # object.__new__ would otherwise show as (*args, **kwargs)).
-        init = inspect.signature(cls.__init__)  # type: ignore[misc]
-        return init.replace(parameters=list(init.parameters.values())[1:])
+        return None if obj is None else self.signature
 
     def __repr__(self) -> str:
         return f"<CallSignature {self.signature}>"
@@ -785,6 +778,11 @@ def _forget_inherited() -> None:
         kept.extend(values.values())
     _cleanup.pin_forever(kept)
 
+
+# inspect.signature(GreenletRegistry) reads __new__ first: show __init__'s there.
+GreenletRegistry.__new__.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+    GreenletRegistry.__init__
+)
 
 os.register_at_fork(after_in_child=_forget_inherited)
 
