@@ -47,7 +47,7 @@ def test_doctor_output_in_the_readme_is_what_it_prints() -> None:
     assert len(sessions) == 2, "a healthy setup (README) and a broken one (docs/doctor.md)"
     for command, shown in sessions:
         proc = subprocess.run(
-            ["bash", "-c", command.replace("python -m", f"{sys.executable} -m")],
+            ["bash", "-c", command.replace("../.venv/bin/python -m", f"{sys.executable} -m")],
             cwd=README.parent,
             capture_output=True,
             text=True,
