@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select
-from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy import String, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+import greenscope
 from greenscope.sessions import SessionMiddleware, SQLAlchemyStore, create_session_model
+from greenscope.wsgi import GreenscopeMiddleware
 
 from conftest import mysql_url
 
@@ -425,3 +427,44 @@ def test_a_failing_save_closes_a_file_body_the_server_never_gets(env: Env) -> No
     with pytest.raises(Exception, match="no such table"):
         mw({"PATH_INFO": "/", "wsgi.file_wrapper": FileWrapper}, lambda *a: None)
     assert opened.closed
+
+
+def test_inside_session_middleware_a_failing_commit_keeps_no_session_change(
+    tmp_path: Path,
+) -> None:
+    """SessionMiddleware(GreenscopeMiddleware(app, commit_on_success=True)): the app's
+    commit comes first; when it fails, the session change is not kept."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Order(Base):
+        __tablename__ = "orders"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        ref: Mapped[str] = mapped_column(String(16), unique=True)
+
+    model = create_session_model(Base)
+    engine = create_engine(f"sqlite:///{tmp_path / 'o.db'}")
+    Base.metadata.create_all(engine)
+    store = SQLAlchemyStore(engine, model, max_age=HOUR)
+    db = greenscope.scoped_session(sessionmaker(engine))
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        db.add(Order(ref=environ["PATH_INFO"]))  # flushed, and refused, at the commit
+        environ["greenscope.session"]["order"] = environ["PATH_INFO"]
+        start_response("200 OK", [])
+        yield b"thanks"
+
+    mw = SessionMiddleware(
+        GreenscopeMiddleware(app, commit_on_success=True), store, secret_key=SECRET
+    )
+    _, headers, body = call(mw, "/a")
+    assert body == b"thanks"
+    cookie = pair(headers)
+    with pytest.raises(Exception, match="UNIQUE constraint failed"):
+        call(mw, "/a", cookie)  # the same ref again: the commit fails
+    with Session(engine) as s:
+        rows = {r.session_id: json.loads(r.data) for r in s.scalars(select(model))}
+        assert s.scalar(select(Order.ref)) == "/a"
+    assert list(rows.values()) == [{"order": "/a"}]
+    engine.dispose()
