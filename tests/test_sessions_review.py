@@ -468,3 +468,107 @@ def test_inside_session_middleware_a_failing_commit_keeps_no_session_change(
         assert s.scalar(select(Order.ref)) == "/a"
     assert list(rows.values()) == [{"order": "/a"}]
     engine.dispose()
+
+
+def expires_at(env: Env) -> dict[str, dt.datetime]:
+    with Session(env.engine) as s:
+        return {r.session_id: r.expires_at for r in s.scalars(select(env.model))}
+
+
+def reader(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    session = environ["greenscope.session"]
+    if environ["PATH_INFO"] == "/login":
+        session["user"] = "alice"
+    elif environ["PATH_INFO"] == "/fail":
+        session.get("user")
+        start_response("500 Internal Server Error", [])
+        return [b""]
+    elif environ["PATH_INFO"] == "/static":
+        start_response("200 OK", [])
+        return [b"static"]
+    start_response("200 OK", [])
+    return [str(session.get("user")).encode()]
+
+
+def age_row(env: Env, sid: str, left: dt.timedelta) -> None:
+    """Make the session's row expire ``left`` from now (as if it had lived the rest)."""
+    env.store.touch(sid, max_age=left)
+
+
+def test_a_read_session_is_extended_once_it_lived_a_tenth(env: Env) -> None:
+    """An active user who only reads is not logged out: expiry and cookie are reset."""
+    mw = SessionMiddleware(reader, env.store, secret_key=SECRET)
+    cookie = pair(call(mw, "/login")[1])
+    (sid,) = env.rows()
+    before = expires_at(env)[sid]
+    _, headers, body = call(mw, "/", cookie)
+    assert body == b"alice"
+    assert set_cookie(headers) is None, "a fresh session was written again"
+    assert expires_at(env)[sid] == before
+    age_row(env, sid, dt.timedelta(minutes=30))  # half its hour gone
+    _, headers, body = call(mw, "/", cookie)
+    assert body == b"alice"
+    refreshed = set_cookie(headers)
+    assert refreshed is not None
+    assert "Max-Age=3600" in refreshed
+    assert refreshed.split(";", 1)[0] == cookie, "the id changed"
+    assert expires_at(env)[sid] > before
+
+
+def test_no_extension_for_failed_or_untouched_requests_or_when_off(env: Env) -> None:
+    """A 5xx, a request that never reads the session, or refresh off: nothing written."""
+    mw = SessionMiddleware(reader, env.store, secret_key=SECRET)
+    cookie = pair(call(mw, "/login")[1])
+    (sid,) = env.rows()
+    age_row(env, sid, dt.timedelta(minutes=30))
+    before = expires_at(env)[sid]
+    for path in ("/fail", "/static"):
+        _, headers, _ = call(mw, path, cookie)
+        assert set_cookie(headers) is None, path
+    off = SessionMiddleware(reader, env.store, secret_key=SECRET, refresh_each_request=False)
+    _, headers, body = call(off, "/", cookie)
+    assert body == b"alice"
+    assert set_cookie(headers) is None
+    assert expires_at(env)[sid] == before
+
+
+def test_extending_a_session_that_ended_meanwhile_expires_the_cookie(env: Env) -> None:
+    """touch() of a session deleted while the request ran writes nothing, ends the cookie."""
+    later: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        user = environ["greenscope.session"].get("user")
+        later[0]()
+        start_response("200 OK", [])
+        return [str(user).encode()]
+
+    mw = SessionMiddleware(reader, env.store, secret_key=SECRET)
+    cookie = pair(call(mw, "/login")[1])
+    (sid,) = env.rows()
+    age_row(env, sid, dt.timedelta(minutes=30))
+    later.append(lambda: env.store.delete(sid))
+    _, headers, _ = call(SessionMiddleware(app, env.store, secret_key=SECRET), "/", cookie)
+    expired = set_cookie(headers)
+    assert expired is not None
+    assert "Max-Age=0" in expired
+    assert env.rows() == {}
+
+
+def test_flask_extends_a_read_session_and_honours_refresh_off(env: Env) -> None:
+    """SESSION_REFRESH_EACH_REQUEST: True extends a read session past a tenth; False not."""
+    app = flask_app(env)
+    client = app.test_client()
+    client.get("/login")
+    (sid,) = env.rows()
+    age_row(env, sid, dt.timedelta(minutes=30))
+    before = expires_at(env)[sid]
+    response = client.get("/who")
+    assert response.text == "alice"
+    assert "Set-Cookie" in response.headers
+    assert expires_at(env)[sid] > before
+    age_row(env, sid, dt.timedelta(minutes=30))
+    before = expires_at(env)[sid]
+    app.config["SESSION_REFRESH_EACH_REQUEST"] = False
+    response = client.get("/who")
+    assert "Set-Cookie" not in response.headers
+    assert expires_at(env)[sid] == before

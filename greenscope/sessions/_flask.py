@@ -13,11 +13,11 @@ Flask saved the session: it is not saved, and no warning says so.
 Settings: ``SESSION_COOKIE_NAME``, ``_DOMAIN``, ``_PATH``, ``_HTTPONLY``, ``_SECURE``,
 ``_SAMESITE`` and ``_PARTITIONED`` shape the cookie; ``SECRET_KEY_FALLBACKS`` (Flask
 3.1) still verifies cookies signed with an older key. Not used: every session is
-permanent and lives the store's ``max_age`` after its last save
-(``PERMANENT_SESSION_LIFETIME`` and ``session.permanent`` change nothing), and a
-request that only reads the session does not extend it
-(``SESSION_REFRESH_EACH_REQUEST``): an active user who never changes the session is
-logged out ``max_age`` after the last change. Choose ``max_age`` for that.
+permanent and lives the store's ``max_age``
+(``PERMANENT_SESSION_LIFETIME`` and ``session.permanent`` change nothing).
+``SESSION_REFRESH_EACH_REQUEST`` (True by default) extends a session that a request read
+without changing it, once it has lived a tenth of ``max_age`` (one write at most per
+tenth, not one per request); a request that never reads the session extends nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the missing-extra 
     ) from exc
 
 from greenscope.sessions._store import SQLAlchemyStore
-from greenscope.sessions._wsgi import HTTPSession, loader, save, signer
+from greenscope.sessions._wsgi import HTTPSession, loader, refresh_due, save, signer
 
 __all__ = ["FlaskSessionInterface"]
 
@@ -92,10 +92,15 @@ class FlaskSessionInterface(SessionInterface):
             return
         if session.accessed:
             response.vary.add("Cookie")
-        if not session.modified:
-            return
         if response.status_code >= 500:
             session.modified = False  # a failed request keeps nothing
+            return
+        refresh = (
+            not session.modified
+            and app.config.get("SESSION_REFRESH_EACH_REQUEST", True)
+            and refresh_due(self.store, session)
+        )
+        if not session.modified and not refresh:
             return
         sign = self._signer(app).sign  # before saving: a missing key fails with nothing kept
         name = self.get_cookie_name(app)
@@ -109,7 +114,12 @@ class FlaskSessionInterface(SessionInterface):
         partitioned = getattr(self, "get_cookie_partitioned", None)  # Flask 3.1
         if partitioned is not None and partitioned(app):
             cookie["partitioned"] = True
-        new_sid, expire = save(self.store, session)
+        if refresh:
+            assert session.session_id is not None
+            alive = self.store.touch(session.session_id)
+            new_sid, expire = (session.session_id, False) if alive else (None, True)
+        else:
+            new_sid, expire = save(self.store, session)
         session.modified = session.regenerated = False
         response.vary.add("Cookie")
         if new_sid is None:

@@ -147,11 +147,42 @@ class SQLAlchemyStore(Generic[_M]):
     def get(self, session_id: str) -> bytes | None:
         """The data of ``session_id``, or None when it is missing or expired."""
         _check_id(session_id, "get(session_id)")
+        row = self._get(session_id)
+        return None if row is None else row[0]
+
+    def _get(self, session_id: str) -> tuple[bytes, dt.datetime] | None:
+        # The data and its expiry: the middleware decides from it whether to extend it.
         m = self.model
-        query = select(m.data).where(m.session_id == session_id, m.expires_at > utcnow())
+        query = select(m.data, m.expires_at).where(
+            m.session_id == session_id, m.expires_at > utcnow()
+        )
         with session_scope(self.Session, commit=True) as session:
-            data = session.scalar(query)
-        return None if data is None else bytes(data)
+            row = session.execute(query).first()
+        return None if row is None else (bytes(row[0]), row[1])
+
+    def touch(self, session_id: str, max_age: dt.timedelta | None = None) -> bool:
+        """Extend a live session: its expiry becomes now + ``max_age`` (default: the
+        store's), its data unchanged. False, and nothing written, for a session that is
+        gone. The middleware calls it for sessions that are read but not changed, so that
+        an active user is not logged out (see ``refresh_each_request``)."""
+        _check_id(session_id, "touch(session_id)")
+        age = (
+            self.max_age
+            if max_age is None
+            else _check_max_age(max_age, "touch(max_age=...)", dt.timedelta(0))
+        )
+        m = self.model
+        now = utcnow()
+        query = (
+            update(m)
+            .where(m.session_id == session_id, m.expires_at > now)
+            .values(expires_at=now + age)
+            .execution_options(synchronize_session=False)
+        )
+        with session_scope(self.Session, commit=True) as session:
+            self._refuse_sqlite_self_lock(session)
+            result: Any = session.execute(query)
+        return bool(result.rowcount)
 
     def set(
         self,

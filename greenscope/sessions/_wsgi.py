@@ -30,6 +30,7 @@ cache serves one user's page to another.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import re
@@ -38,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from http.cookies import SimpleCookie
 from typing import Any
 
+from greenscope.sessions._model import utcnow
 from greenscope.sessions._store import SQLAlchemyStore
 
 __all__ = ["HTTPSession", "SessionMiddleware"]
@@ -77,9 +79,10 @@ class HTTPSession(MutableMapping[str, Any]):
     new id and keeps its data, against session fixation (call it at log-in).
     """
 
-    def __init__(self, load: Callable[[], dict[str, Any] | None], session_id: str | None) -> None:
+    def __init__(self, load: Callable[[], Loaded | None], session_id: str | None) -> None:
         self._load = load  # None: the cookie's session is gone (ended, expired)
         self._data: dict[str, Any] | None = None
+        self.expires_at: dt.datetime | None = None  # the stored expiry, once loaded
         self.session_id = session_id  # None: no live session; a new id on the first save
         self.modified = False
         self.regenerated = False
@@ -94,12 +97,12 @@ class HTTPSession(MutableMapping[str, Any]):
     def _d(self) -> dict[str, Any]:
         if self._data is None:
             self.accessed = True
-            data = self._load()
-            if data is None:
+            loaded = self._load()
+            if loaded is None:
                 # Its session ended (logged out, expired): never bring that id back.
                 self.session_id = None
-                data = {}
-            self._data = data
+                loaded = ({}, None)
+            self._data, self.expires_at = loaded
         return self._data
 
     def __getitem__(self, key: str) -> Any:
@@ -153,16 +156,27 @@ def decode(raw: bytes | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def loader(store: SQLAlchemyStore[Any], sid: str | None) -> Callable[[], dict[str, Any] | None]:
-    """What :class:`HTTPSession` loads: the session's data, None if its row is gone."""
+Loaded = tuple[dict[str, Any], "dt.datetime | None"]
 
-    def load() -> dict[str, Any] | None:
+
+def loader(store: SQLAlchemyStore[Any], sid: str | None) -> Callable[[], Loaded | None]:
+    """What :class:`HTTPSession` loads: the data and expiry, None if its row is gone."""
+
+    def load() -> Loaded | None:
         if sid is None:
-            return {}
-        raw = store.get(sid)
-        return None if raw is None else decode(raw)
+            return {}, None
+        row = store._get(sid)
+        return None if row is None else (decode(row[0]), row[1])
 
     return load
+
+
+def refresh_due(store: SQLAlchemyStore[Any], session: HTTPSession) -> bool:
+    """A live session this request read but did not change, with less than nine tenths
+    of its life left: extend it (at most one write per tenth of ``max_age``)."""
+    if session.modified or session.session_id is None or session.expires_at is None:
+        return False
+    return session.expires_at - utcnow() < store.max_age * 0.9
 
 
 def save(store: SQLAlchemyStore[Any], session: HTTPSession) -> tuple[str | None, bool]:
@@ -263,6 +277,12 @@ class SessionMiddleware:
     ``Max-Age`` is the store's ``max_age``. A cookie whose signature does not match (a
     tampered or foreign id) is ignored: the request gets a new, empty session.
 
+    ``refresh_each_request`` (True): a session a request reads without changing it is
+    extended (expiry and cookie reset to ``max_age``) once it has lived a tenth of
+    ``max_age``, so an active user is not logged out; at most one write per tenth of
+    ``max_age``, and none for a request that never reads the session. False: a session
+    expires ``max_age`` after its last change.
+
     .. versionadded:: 0.3
     """
 
@@ -278,6 +298,7 @@ class SessionMiddleware:
         samesite: str | None = "Lax",
         path: str = "/",
         domain: str | None = None,
+        refresh_each_request: bool = True,
     ) -> None:
         if not callable(app):
             raise TypeError(f"SessionMiddleware(app, ...) takes a WSGI app; got {app!r}")
@@ -312,6 +333,7 @@ class SessionMiddleware:
         self.store = store
         self.signer = signer(secret_key)
         self.cookie_name = cookie_name
+        self.refresh_each_request = bool(refresh_each_request)
         self.cookie = {
             "path": path,
             "domain": domain,
@@ -356,17 +378,28 @@ class SessionMiddleware:
         return _Body(body, response)
 
     def headers_for(
-        self, session: HTTPSession, headers: list[tuple[str, str]]
+        self, session: HTTPSession, headers: list[tuple[str, str]], failed: bool
     ) -> list[tuple[str, str]]:
-        """Save a modified session; ``headers`` with its ``Set-Cookie`` and ``Vary``."""
-        if session.modified:
-            new_sid, expire = save(self.store, session)
-            if new_sid is not None:
-                signed = self.signer.sign(new_sid.encode()).decode()
-                age = int(self.store.max_age.total_seconds())
-                headers = [*headers, ("Set-Cookie", self._cookie(signed, age))]
-            elif expire:
-                headers = [*headers, ("Set-Cookie", self._cookie("", 0))]
+        """Save a modified session (or extend a read one); ``headers`` with its
+        ``Set-Cookie`` and ``Vary``. A failed response writes nothing."""
+        sid: str | None = None
+        expire = False
+        if failed:
+            pass
+        elif session.modified:
+            sid, expire = save(self.store, session)
+        elif self.refresh_each_request and refresh_due(self.store, session):
+            assert session.session_id is not None
+            if self.store.touch(session.session_id):
+                sid = session.session_id
+            else:
+                session.session_id, expire = None, True  # gone meanwhile
+        if sid is not None:
+            signed = self.signer.sign(sid.encode()).decode()
+            age = int(self.store.max_age.total_seconds())
+            headers = [*headers, ("Set-Cookie", self._cookie(signed, age))]
+        elif expire:
+            headers = [*headers, ("Set-Cookie", self._cookie("", 0))]
         if session.accessed:
             headers = add_vary_cookie(headers)
         return headers
@@ -442,9 +475,8 @@ class _Response:
         session = self.session
         headers = self.headers
         code = int(self.status[:3]) if self.status[:3].isdigit() else 500
-        if code >= 500 or self.exc_info is not None:
-            session.modified = False  # a failed request keeps nothing
-        headers = self.middleware.headers_for(session, headers)
+        failed = code >= 500 or self.exc_info is not None  # keeps nothing
+        headers = self.middleware.headers_for(session, headers, failed)
         # Saved, or dropped: from here on a change is too late.
         session.modified = session.regenerated = False
         self.started = True
