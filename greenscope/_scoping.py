@@ -76,9 +76,21 @@ class scoped_session(ScopedHit, _sa_scoped_session[_S]):
                 self.__class__ = _KeyedByScopefunc
             return
         self.session_factory = session_factory
-        registry = GreenletRegistry(session_factory)
-        self.registry = registry
-        self._greenscope_key = registry._key
+        self.registry = GreenletRegistry(session_factory)  # sets _greenscope_key too
+
+    if not TYPE_CHECKING:  # hidden from type checkers, which would then allow any name
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            # The hit paths read the greenlet's dict under the registry's key: a registry
+            # assigned later (a test double, another GreenletRegistry) must change that
+            # key, or Session() would keep returning the old registry's Sessions. Any
+            # other registry gets no key: its hits take SQLAlchemy's path through
+            # registry(). Attribute reads stay plain (only assignments come here, and a
+            # scoped_session is assigned to when it is built).
+            super().__setattr__(name, value)
+            if name == "registry":
+                key = value._key if isinstance(value, GreenletRegistry) else None
+                super().__setattr__("_greenscope_key", key)
 
     # Session() is ScopedHit's: the current greenlet's Session read straight from its
     # dict, compiled where possible (greenscope/_hot.py). With a scopefunc the object is a

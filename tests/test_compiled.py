@@ -12,6 +12,7 @@ import pytest
 from greenlet import greenlet as RawGreenlet
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import scoped_session as sa_scoped_session
+from sqlalchemy.util import ThreadLocalRegistry
 
 import greenscope
 from greenscope import GreenletRegistry, _hot
@@ -217,3 +218,26 @@ def test_a_subclass_built_with_a_scopefunc_keeps_its_class() -> None:
     session.remove()
     scope[0] = "a"
     session.remove()
+
+
+def test_a_registry_assigned_later_is_the_one_session_uses() -> None:
+    """Reassigning .registry (another GreenletRegistry, or SQLAlchemy's) moves the hits."""
+    session = greenscope.scoped_session(sessionmaker())
+    old = session()
+    old_registry = session.registry
+    replacement: GreenletRegistry[Session] = GreenletRegistry(sessionmaker())
+    session.registry = replacement
+    new = session()
+    assert new is not old
+    assert session() is new
+    assert session.is_active
+    assert replacement.has()
+    session.remove()
+    assert not replacement.has()
+    stock = ThreadLocalRegistry(sessionmaker())
+    session.registry = stock
+    assert session() is stock()
+    assert session.is_active
+    stock.clear()
+    old.close()
+    old_registry.clear()
