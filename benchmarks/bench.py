@@ -154,24 +154,7 @@ def bench_lookup(rounds: int, number: int) -> dict[str, Any]:
 
 def bench_lifecycle(rounds: int, n: int) -> dict[str, float]:
     engine = create_engine("sqlite://")
-    factory = sessionmaker(engine)
-    ours = greenscope.scoped_session(factory)
-    stock = sa_scoped_session(factory, scopefunc=getcurrent)
-
-    def auto() -> None:
-        ours.is_active  # noqa: B018 - the use of the Session is the point
-
-    def ours_remove() -> None:
-        try:
-            ours.is_active  # noqa: B018
-        finally:
-            ours.remove()
-
-    def stock_remove() -> None:
-        try:
-            stock.is_active  # noqa: B018
-        finally:
-            stock.remove()
+    funcs = instructions.lifecycle_bodies(sessionmaker(engine))
 
     def rate(func: Callable[[], None]) -> float:
         start = time.perf_counter()
@@ -181,12 +164,7 @@ def bench_lifecycle(rounds: int, n: int) -> dict[str, float]:
         assert greenscope.wait_reaped(60)
         return n / (time.perf_counter() - start)
 
-    samples: dict[str, list[float]] = {
-        "greenscope, automatic cleanup": [],
-        "greenscope + remove()": [],
-        "sqlalchemy + try/finally remove()": [],
-    }
-    funcs = dict(zip(samples, (auto, ours_remove, stock_remove), strict=True))
+    samples: dict[str, list[float]] = {name: [] for name in funcs}
     for _ in range(rounds):
         for name, func in funcs.items():
             gc.collect()

@@ -246,9 +246,9 @@ def _metrics_last(n: int, pairs: int, labels: list[str]) -> None:
     engine.dispose()
 
 
-def _work_lifecycle(n: int, pairs: int) -> list[str]:
-    engine = create_engine("sqlite://")
-    factory = sessionmaker(engine)
+def lifecycle_bodies(factory: sessionmaker[Any]) -> dict[str, Callable[[], None]]:
+    """The lifecycle candidates (what each greenlet runs), by name: for the timed
+    benchmark (bench.py) and the instruction counts alike."""
     ours = greenscope.scoped_session(factory)
     stock = sa_scoped_session(factory, scopefunc=getcurrent)
 
@@ -267,6 +267,16 @@ def _work_lifecycle(n: int, pairs: int) -> list[str]:
         finally:
             stock.remove()
 
+    return {
+        "greenscope, automatic cleanup": auto,
+        "greenscope + remove()": ours_remove,
+        "sqlalchemy + try/finally remove()": stock_remove,
+    }
+
+
+def _work_lifecycle(n: int, pairs: int) -> list[str]:
+    engine = create_engine("sqlite://")
+
     def region(func: Callable[[], None], batches: int) -> None:
         # What the timed benchmark does, in batches: spawn, use, end, every orphan closed.
         for _ in repeat(None, batches):
@@ -277,11 +287,7 @@ def _work_lifecycle(n: int, pairs: int) -> list[str]:
                 raise RuntimeError("orphans were not closed within 60 s")
         gc.collect()  # each region pays for its own cyclic garbage, and only for it
 
-    cands = {
-        "lifecycle: greenscope, automatic cleanup": auto,
-        "lifecycle: greenscope + remove()": ours_remove,
-        "lifecycle: sqlalchemy + try/finally remove()": stock_remove,
-    }
+    cands = {f"lifecycle: {k}": f for k, f in lifecycle_bodies(sessionmaker(engine)).items()}
     batches = max(1, n // LIFE_DIV)
     labels: list[str] = []
     # The first region enters the hub: all greenlet stacks are then below a region's frame.

@@ -67,8 +67,7 @@ class scoped_session(ScopedHit, _sa_scoped_session[_S]):
                 f"scopefunc, or none at all for one Session per greenlet; got {scopefunc!r}"
             )
         if scopefunc:
-            super().__init__(session_factory, scopefunc)
-            self._greenscope_key: str | None = None
+            super().__init__(session_factory, scopefunc)  # its registry: no key (__setattr__)
             if type(self) is scoped_session:
                 # SQLAlchemy's own fast paths, unwrapped. A subclass keeps its class (and
                 # its overrides): its hits miss the greenlet's dict (no key there) and

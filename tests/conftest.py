@@ -70,23 +70,25 @@ def sqlite_db(tmp_path: Path) -> Iterator[CountingEngine]:
     engine.dispose()
 
 
-def pg_url() -> str:
-    """The PostgreSQL URL for tests, or skip: set it to run them (``.ci/run`` does)."""
-    url = os.environ.get(PG_URL_VAR)
+def _server_url(var: str, what: str, example: str) -> str:
+    """The URL in ``var``, checked to answer; skip when unset (``.ci/run`` sets it)."""
+    url = os.environ.get(var)
     if not url:
-        pytest.skip(
-            f"PostgreSQL tests need {PG_URL_VAR}, "
-            "e.g. postgresql+psycopg://postgres@127.0.0.1/test"
-        )
+        pytest.skip(f"{what} tests need {var}, e.g. {example}")
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:  # set but unreachable: fail, never skip silently in CI
-        pytest.fail(f"{PG_URL_VAR}={url} is set but PostgreSQL is unreachable: {exc}")
+        pytest.fail(f"{var}={url} is set but {what} is unreachable: {exc}")
     finally:
         engine.dispose()
     return url
+
+
+def pg_url() -> str:
+    """The PostgreSQL URL for tests, or skip: set it to run them (``.ci/run`` does)."""
+    return _server_url(PG_URL_VAR, "PostgreSQL", "postgresql+psycopg://postgres@127.0.0.1/test")
 
 
 MYSQL_URL_VAR = "GREENSCOPE_TEST_MYSQL_URL"
@@ -94,20 +96,7 @@ MYSQL_URL_VAR = "GREENSCOPE_TEST_MYSQL_URL"
 
 def mysql_url() -> str:
     """The MySQL/MariaDB URL for tests, or skip: set it to run them (``.ci/run`` does)."""
-    url = os.environ.get(MYSQL_URL_VAR)
-    if not url:
-        pytest.skip(
-            f"MySQL/MariaDB tests need {MYSQL_URL_VAR}, e.g. mysql+pymysql://root@127.0.0.1/test"
-        )
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # set but unreachable: fail, never skip silently in CI
-        pytest.fail(f"{MYSQL_URL_VAR}={url} is set but the server is unreachable: {exc}")
-    finally:
-        engine.dispose()
-    return url
+    return _server_url(MYSQL_URL_VAR, "MySQL/MariaDB", "mysql+pymysql://root@127.0.0.1/test")
 
 
 @pytest.fixture

@@ -69,6 +69,19 @@ def call(app: Any, path: str = "/", cookie: str | None = None) -> tuple[str, lis
     return got[0], got[1], data
 
 
+class FileWrapper:
+    """A server's ``wsgi.file_wrapper``: a class, as servers provide it."""
+
+    def __init__(self, f: Any, blksize: int = 8192) -> None:
+        self.f = f
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter([self.f.read()])
+
+    def close(self) -> None:
+        self.f.close()
+
+
 def set_cookie(headers: list[tuple[str, str]]) -> str | None:
     return next((v for n, v in headers if n == "Set-Cookie"), None)
 
@@ -242,16 +255,6 @@ def test_another_sites_unparsable_cookie_does_not_hide_the_session(env: Env, oth
 def test_a_file_wrapper_body_reaches_the_server_as_it_is(env: Env) -> None:
     """wsgi.file_wrapper bodies pass through (sendfile), the session saved first."""
 
-    class FileWrapper:
-        def __init__(self, f: Any, blksize: int = 8192) -> None:
-            self.f = f
-
-        def __iter__(self) -> Iterator[bytes]:
-            return iter([self.f.read()])
-
-        def close(self) -> None:
-            self.f.close()
-
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         environ["greenscope.session"]["n"] = 1
         start_response("200 OK", [])
@@ -403,16 +406,6 @@ def test_an_error_after_the_first_chunk_reaches_the_servers_start_response(env: 
 
 def test_a_failing_save_closes_a_file_body_the_server_never_gets(env: Env) -> None:
     """The store is down when a file body is returned: the error, and the file closed."""
-
-    class FileWrapper:
-        def __init__(self, f: Any, blksize: int = 8192) -> None:
-            self.f = f
-
-        def __iter__(self) -> Iterator[bytes]:
-            return iter([self.f.read()])
-
-        def close(self) -> None:
-            self.f.close()
 
     opened = io.BytesIO(b"file")
 

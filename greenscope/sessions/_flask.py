@@ -33,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the missing-extra 
     ) from exc
 
 from greenscope.sessions._store import SQLAlchemyStore
-from greenscope.sessions._wsgi import HTTPSession, loader, refresh_due, save, signer
+from greenscope.sessions._wsgi import HTTPSession, loader, refresh_due, signer, write_back
 
 __all__ = ["FlaskSessionInterface"]
 
@@ -114,12 +114,7 @@ class FlaskSessionInterface(SessionInterface):
         partitioned = getattr(self, "get_cookie_partitioned", None)  # Flask 3.1
         if partitioned is not None and partitioned(app):
             cookie["partitioned"] = True
-        if refresh:
-            assert session.session_id is not None
-            alive = self.store.touch(session.session_id)
-            new_sid, expire = (session.session_id, False) if alive else (None, True)
-        else:
-            new_sid, expire = save(self.store, session)
+        new_sid, expire = write_back(self.store, session, refresh)
         session.modified = session.regenerated = False
         response.vary.add("Cookie")
         if new_sid is None:

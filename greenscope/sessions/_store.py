@@ -166,23 +166,7 @@ class SQLAlchemyStore(Generic[_M]):
         gone. The middleware calls it for sessions that are read but not changed, so that
         an active user is not logged out (see ``refresh_each_request``)."""
         _check_id(session_id, "touch(session_id)")
-        age = (
-            self.max_age
-            if max_age is None
-            else _check_max_age(max_age, "touch(max_age=...)", dt.timedelta(0))
-        )
-        m = self.model
-        now = utcnow()
-        query = (
-            update(m)
-            .where(m.session_id == session_id, m.expires_at > now)
-            .values(expires_at=now + age)
-            .execution_options(synchronize_session=False)
-        )
-        with session_scope(self.Session, commit=True) as session:
-            self._refuse_sqlite_self_lock(session)
-            result: Any = session.execute(query)
-        return bool(result.rowcount)
+        return self._update_live(session_id, expires_at=utcnow() + self._age(max_age, "touch"))
 
     def set(
         self,
@@ -211,12 +195,15 @@ class SQLAlchemyStore(Generic[_M]):
         session another request deleted (a log-out)."""
         _check_id(session_id, "update(session_id, data)")
         values = self._values(session_id, data, max_age, "update")
+        return self._update_live(session_id, data=values["data"], expires_at=values["expires_at"])
+
+    def _update_live(self, session_id: str, **values: Any) -> bool:
+        # One UPDATE of a row that exists and has not expired: True if there was one.
         m = self.model
-        now = utcnow()
         query = (
             update(m)
-            .where(m.session_id == session_id, m.expires_at > now)
-            .values(data=values["data"], expires_at=values["expires_at"])
+            .where(m.session_id == session_id, m.expires_at > utcnow())
+            .values(**values)
             .execution_options(synchronize_session=False)
         )
         with session_scope(self.Session, commit=True) as session:
@@ -259,12 +246,13 @@ class SQLAlchemyStore(Generic[_M]):
                 f"SQLAlchemyStore.{call}(session_id, data) takes bytes (serialize the "
                 f"session yourself, e.g. json.dumps(...).encode()); got {type(data).__name__}"
             )
-        age = (
-            self.max_age
-            if max_age is None
-            else _check_max_age(max_age, f"{call}(max_age=...)", dt.timedelta(0))
-        )
+        age = self._age(max_age, call)
         return {"session_id": session_id, "data": bytes(data), "expires_at": utcnow() + age}
+
+    def _age(self, max_age: dt.timedelta | None, call: str) -> dt.timedelta:
+        if max_age is None:
+            return self.max_age
+        return _check_max_age(max_age, f"{call}(max_age=...)", dt.timedelta(0))
 
     # -- dialects -----------------------------------------------------------------------
 

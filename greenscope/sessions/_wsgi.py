@@ -210,6 +210,23 @@ def save(store: SQLAlchemyStore[Any], session: HTTPSession) -> tuple[str | None,
     return sid, False
 
 
+def write_back(
+    store: SQLAlchemyStore[Any], session: HTTPSession, extend: bool
+) -> tuple[str | None, bool]:
+    """What a response that succeeded writes: a modified session saved (:func:`save`),
+    else, with ``extend``, a read one extended. Returns (the id for the cookie, expire
+    it); (None, False) when there is nothing to send. Shared by the WSGI middleware and
+    the Flask interface."""
+    if session.modified:
+        return save(store, session)
+    if not extend or session.session_id is None:
+        return None, False
+    if store.touch(session.session_id):
+        return session.session_id, False
+    session.session_id = None  # it ended meanwhile: not extended, its cookie expired
+    return None, True
+
+
 def cookie_value(raw: str, name: str) -> str | None:
     """The value of cookie ``name`` in a ``Cookie`` header, or None.
 
@@ -384,16 +401,9 @@ class SessionMiddleware:
         ``Set-Cookie`` and ``Vary``. A failed response writes nothing."""
         sid: str | None = None
         expire = False
-        if failed:
-            pass
-        elif session.modified:
-            sid, expire = save(self.store, session)
-        elif self.refresh_each_request and refresh_due(self.store, session):
-            assert session.session_id is not None
-            if self.store.touch(session.session_id):
-                sid = session.session_id
-            else:
-                session.session_id, expire = None, True  # gone meanwhile
+        if not failed:
+            extend = self.refresh_each_request and refresh_due(self.store, session)
+            sid, expire = write_back(self.store, session, extend)
         if sid is not None:
             signed = self.signer.sign(sid.encode()).decode()
             age = int(self.store.max_age.total_seconds())
