@@ -72,6 +72,7 @@ from sqlalchemy.util import ScopedRegistry, ThreadLocalRegistry
 
 import greenscope
 import greenscope.metrics
+from greenscope import _registry
 
 HERE = Path(__file__).resolve().parent
 
@@ -133,6 +134,12 @@ def _lookup_candidates() -> list[Candidate]:
         f()
         return {"f": f, "gc": getcurrent, "k": f._key, "d": getcurrent().__dict__}
 
+    def watch() -> dict[str, Any]:
+        # A gevent.Greenlet that never runs: its watch is made and its link taken back,
+        # so that links do not pile up on it from one iteration to the next.
+        g = gevent.Greenlet(lambda: None)
+        return {"g": g, "new_watch": _registry._new_watch, "done": _registry._on_completion}
+
     def stock_scoped() -> dict[str, Any]:
         s = sa_scoped_session(factory)
         return {"f": s, "s": s, "sess": s()}
@@ -175,6 +182,11 @@ def _lookup_candidates() -> list[Candidate]:
         Candidate("part: greenscope scoped_session._proxied", ours_scoped, "s._proxied"),
         Candidate("part: sqlalchemy scoped_session._proxied", stock_scoped, "s._proxied"),
         Candidate("part: Session.is_active (no proxy)", ours_scoped, "sess.is_active"),
+        # What a greenlet's automatic cleanup costs it once (the lifecycle rows' gap).
+        Candidate(
+            "part: a gevent.Greenlet's watch, then unlink", watch, "new_watch(g); g.unlink(done)"
+        ),
+        Candidate("part: gevent rawlink, then unlink", watch, "g.rawlink(done); g.unlink(done)"),
     ]
 
 

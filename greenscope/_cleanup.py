@@ -734,6 +734,8 @@ _claim_lock = _allocate_lock()
 
 def claim(dbapi_connections: list[Any]) -> list[_Claim]:
     """Mark connections a job is about to release (ordinary code, the job's own context)."""
+    if not dbapi_connections:
+        return []  # a Session that never connected: no lock to take
     claims = [_Claim(c) for c in dbapi_connections]
     with _claim_lock:
         for c in claims:

@@ -46,6 +46,9 @@ __all__ = ["RegistryHit", "ScopedHit", "compiled"]
 #: True when this module is the compiled extension.
 compiled = cython.compiled
 
+# No registry value is this object. Compiled, a C global: no module lookup per call.
+_MISSING = cython.declare(object, object())
+
 
 @cython.cclass
 class RegistryHit:
@@ -54,6 +57,15 @@ class RegistryHit:
     __slots__ = ()
 
     def __call__(self):  # type: ignore[no-untyped-def]
+        if cython.compiled:  # decided when Cython compiles this: one branch is C
+            # dict.get on a typed dict is one C call, and a miss (every greenlet's first
+            # use) raises no KeyError, which costs more than the lookup.
+            d: dict = getcurrent().__dict__  # type: ignore[type-arg]
+            value = d.get(self._key, _MISSING)
+            if value is _MISSING:
+                return self._create()
+            return value
+        # Python: d[key] is cheaper than a d.get() call on every hit; a miss pays.
         try:
             return getcurrent().__dict__[self._key]
         except KeyError:
@@ -69,8 +81,14 @@ class ScopedHit:
 
     def __call__(self, **kw):  # type: ignore[no-untyped-def]
         if not kw:
-            try:
-                return getcurrent().__dict__[self._greenscope_key]
-            except KeyError:
-                pass
+            if cython.compiled:  # as in RegistryHit
+                d: dict = getcurrent().__dict__  # type: ignore[type-arg]
+                value = d.get(self._greenscope_key, _MISSING)
+                if value is not _MISSING:
+                    return value
+            else:
+                try:
+                    return getcurrent().__dict__[self._greenscope_key]
+                except KeyError:
+                    pass
         return self._greenscope_miss(kw)

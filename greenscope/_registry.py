@@ -4,15 +4,17 @@ The data structure, for one greenlet ``g`` with values in two registries R1 and 
 
     g.__dict__ ──"greenscope:R1"──> value1        (the hit path reads only this)
                ──"greenscope:R2"──> value2
-               ──"greenscope:watch"──> _Watch ──ref──┄┄> g   (weak; callback _owner_freed)
+               ──"greenscope:watch"──> _Watch ┄┄weak┄┄> g   (callback _owner_freed)
                                           ├─r1, v1──> R1, value1       (strong: the first)
                                           └─more───> {R2: value2}      (strong: any others)
-    _LIVE: {watch, ...}             only while the watch holds a value (watch.ref.watch
-                                    leads its callback back to it)
+    _LIVE: {watch, ...}             only while the watch holds a value
     R1._live: int                   how many watches hold a value of R1
 
-Most greenlets use one registry: its pair sits in two slots of the watch, and a dict is
-made only for a second registry (memory per live entry: benchmarks/).
+The watch *is* the weakref to its greenlet (a ``weakref.ref`` subclass with slots): the
+callback receives it, so no back pointer and no cycle is needed, and a greenlet costs one
+object of greenscope's, not two. Most greenlets use one registry: its pair sits in two
+slots of the watch, and a dict is made only for a second registry (memory per live
+entry, and the instructions a greenlet's watch costs: benchmarks/).
 
 Invariants:
 
@@ -23,8 +25,9 @@ Invariants:
   thread running in a copied context never sees another's value.
 * The watch's values (``r1``/``v1`` and ``more``) mirror the ``greenscope:R*`` keys while
   the greenlet lives. They are what cleanup closes after the greenlet's dict is gone;
-  ``_LIVE`` keeps the watch (and thus its weakref and callback) alive for exactly as long
-  as there is something to close.
+  ``_LIVE`` keeps the watch (and thus its callback) alive for exactly as long as there is
+  something to close. Membership of ``_LIVE`` is the claim on the values: ``take()``
+  removes the watch from it, and of two racing callers only one succeeds.
 * A greenlet ends in one of three ways we hear of: a ``gevent.Greenlet`` notifies its
   ``rawlink`` callbacks at completion (even if the object is still referenced); any
   greenlet's weakref callback runs when it is freed; and a native thread's main
@@ -61,6 +64,9 @@ from greenscope import _cleanup, _debug, _engines, _guard, _pool  # noqa: F401 -
 from greenscope._hot import RegistryHit
 from greenscope._log import RateLimited
 
+_get_ident = _cleanup.get_ident  # the OS thread's id, even when gevent patched _thread
+_MISSING: Any = object()
+
 __all__ = [
     "GreenletRegistry",
     "RegistryStats",
@@ -83,8 +89,10 @@ _keys = count(1)
 
 try:
     from gevent import Greenlet as _GeventGreenlet
+    from gevent._hub_local import get_hub_if_exists as _get_hub_if_exists
 except ImportError:  # pragma: no cover - exercised by a subprocess test
     _GeventGreenlet = None
+    _get_hub_if_exists = None
 
 # Every GreenletRegistry of the process, weakly: for stats() and close_all().
 _REGISTRIES: weakref.WeakSet[GreenletRegistry[Any]] = weakref.WeakSet()
@@ -169,62 +177,59 @@ def _describe(kind: str, gid: int, name: str | None = None) -> str:
     return f"{label} at {gid:#x}"
 
 
-class _Watch:
-    """What greenscope holds for one greenlet, shared by every registry (see above)."""
+class _Watch(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
+    """What greenscope holds for one greenlet, shared by every registry (see above).
+
+    A weakref to the greenlet whose callback is :func:`_owner_freed`. Made by
+    :func:`_new_watch` without an ``__init__`` of its own (a Python frame per
+    greenlet is a measurable part of a greenlet's cost): every slot but ``name`` and
+    ``how`` (set when the greenlet completes) is assigned there. Hashed and compared by
+    identity, not by its greenlet as a plain weakref would be: ``_LIVE`` must find a
+    watch whose greenlet is gone.
+    """
 
     __slots__ = (
-        "__weakref__",
         "gid",
+        "gtype",
         "how",
         "hub",
-        "kind",
         "main",
         "more",
         "name",
         "r1",
         "rawlinked",
-        "ref",
         "thread",
         "v1",
     )
 
-    def __init__(self, g: RawGreenlet, hub: Any) -> None:
-        # ref.watch leads the callback back here while the watch holds values (set by
-        # _store, reset when they go): no reference cycle outlives them.
-        self.ref = ref = _Ref(g, _owner_freed)
-        ref.watch = None
-        self.r1: GreenletRegistry[Any] | None = None  # the first registry's value...
-        self.v1: Any = None
-        self.more: dict[GreenletRegistry[Any], Any] | None = None  # ...and the others
-        # For log lines, kept raw: formatting them (and gevent's lazy Greenlet.name) would
-        # cost more than the rest of this constructor; see owner.
-        self.kind = type(g).__qualname__
-        self.gid = id(g)
-        self.name: str | None = None
-        self.how = ""
-        self.main = g.parent is None  # a thread's main greenlet: freed after the thread ends
-        # Where cleanup must run: the owner's thread, in its hub's greenlets if it has one
-        # by then (submit() looks again, since a hub may be created after this).
-        self.thread = _cleanup.get_ident()
-        self.hub = weakref.ref(hub) if hub is not None else None  # hubs are greenlets too
-        if self.main:
-            # A thread's main greenlet may outlive its thread (kept by a hub's cycle):
-            # its thread's end is its death.
-            _cleanup.at_thread_end(self._thread_ended)
-        self.rawlinked = False
-        if _GeventGreenlet is not None and isinstance(g, _GeventGreenlet):
-            # Completion, not deallocation: a kept spawn() handle or a Pool must not keep
-            # a finished greenlet's Session (and its pool connection) open.
-            gevent_greenlet: Any = g
-            gevent_greenlet.rawlink(_on_completion)  # a function, not a bound method: no
-            self.rawlinked = True  # allocation per greenlet; it finds the watch in g
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+
+    r1: GreenletRegistry[Any] | None  # the first registry's value...
+    v1: Any
+    more: dict[GreenletRegistry[Any], Any] | None  # ...and the others'
+    # For log lines, kept raw: formatting them (and gevent's lazy Greenlet.name) would
+    # cost more than the rest of the watch; see owner.
+    gtype: type
+    gid: int
+    name: str | None
+    how: str
+    main: bool  # a thread's main greenlet: freed after its thread ends
+    # Where cleanup must run: the owner's thread, in its hub's greenlets if it has one
+    # by then (submit() looks again, since a hub may be created after this).
+    thread: int
+    hub: weakref.ref[Any] | None  # hubs are greenlets too
+    rawlinked: bool
 
     @property
     def owner(self) -> str:
         """The greenlet, for log lines: "Greenlet 'Greenlet-3' at 0x... (killed)"."""
         if self.main:
             return f"the main greenlet of thread {self.thread:#x}"
-        return _describe(self.kind, self.gid, self.name) + self.how
+        name = getattr(self, "name", None)  # both unset until the greenlet completes
+        how = getattr(self, "how", "")
+        return _describe(self.gtype.__qualname__, self.gid, name) + how
 
     # -- the values: one registry in slots, more in a dict --------------------------------
 
@@ -255,7 +260,9 @@ class _Watch:
         return False
 
     def empty(self) -> bool:
-        return self.r1 is None and not self.more
+        # put() fills the slots first and drop() refills them from ``more``: the slots
+        # are empty only when everything is.
+        return self.r1 is None
 
     def items(self) -> list[tuple[GreenletRegistry[Any], Any]]:
         """(registry, value) pairs, oldest registry first."""
@@ -290,14 +297,15 @@ class _Watch:
         """Unregister every value (from ``_LIVE``, the registries and the greenlet's dict
         while it exists) and return them; empty if another caller took them first.
         Any context: dict and set operations only."""
+        if self not in _LIVE:
+            return {}  # the usual case, tested first: raising KeyError costs more
         try:
             _LIVE.remove(self)  # atomic: of two racing callers, one gets the values
         except KeyError:
             return {}
-        self.ref.watch = None
         values = dict(self.items())
         self.r1 = self.v1 = self.more = None
-        g = self.ref()
+        g = self()
         d = g.__dict__ if g is not None else {}
         for registry in values:
             registry._live -= 1
@@ -317,26 +325,64 @@ class _Watch:
 
 def _on_completion(g: Any) -> None:
     # gevent's rawlink, at a Greenlet's completion, in the hub (see _Watch._completed).
+    # Most greenlets removed their values already: that case is tested here, inline.
     watch: _Watch | None = g.__dict__.get(_WATCH_KEY)
-    if watch is not None:
+    if watch is not None and watch.r1 is not None:  # not empty
         watch._completed(g)
 
 
-class _Ref(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
-    """A watch's weakref to its greenlet, leading its callback back to the watch.
-
-    No ``__init__`` of its own (a Python frame per greenlet): the watch sets ``watch``.
-    """
-
-    __slots__ = ("watch",)
-    watch: _Watch | None
-
-
-def _owner_freed(ref: _Ref) -> None:
-    # Wherever the greenlet was freed: the hub, a GC pass, another thread.
-    watch = ref.watch
-    if watch is not None:
+def _owner_freed(watch: _Watch) -> None:
+    # Wherever the greenlet was freed: the hub, a GC pass, another thread. A watch that
+    # holds nothing (most: their values were removed) is not in _LIVE.
+    if watch in _LIVE:
         watch.detach()
+
+
+def _hub_ref(hub: Any) -> weakref.ref[Any]:
+    """A new weakref to ``hub``, kept as the last one made: _new_watch reuses it while
+    the hub is the same (one hub a process, usually; weakref.ref() costs more than the
+    rest of a watch's fields together). A race between threads only misses the cache."""
+    global _last_hub_ref  # noqa: PLW0603 - a one-entry cache
+    ref = _last_hub_ref = weakref.ref(hub)
+    return ref
+
+
+_last_hub_ref: weakref.ref[Any] | None = None
+
+
+def _new_watch(g: RawGreenlet) -> _Watch:
+    """A watch for ``g``, the current greenlet, which has none yet."""
+    hub = _get_hub_if_exists() if _get_hub_if_exists is not None else None
+    if g is hub:  # never true later: the hub gets no watch
+        raise RuntimeError(
+            "greenscope: the gevent hub cannot hold a Session: it never ends (so "
+            "the Session would never be cleaned up) and cannot block (so it cannot "
+            "do I/O). Do database work in a greenlet, e.g. gevent.spawn(func)."
+        )
+    watch = _Watch(g, _owner_freed)
+    watch.r1 = watch.v1 = watch.more = None
+    watch.gtype = type(g)
+    watch.gid = id(g)
+    watch.thread = _get_ident()
+    if hub is None:
+        watch.hub = None
+    else:  # the last hub's weakref, if it is this hub's (see _hub_ref)
+        ref = _last_hub_ref
+        watch.hub = ref if ref is not None and ref() is hub else _hub_ref(hub)
+    if _GeventGreenlet is not None and isinstance(g, _GeventGreenlet):
+        # Completion, not deallocation: a kept spawn() handle or a Pool must not keep a
+        # finished greenlet's Session (and its pool connection) open.
+        g.rawlink(_on_completion)  # a function, not a bound method: no allocation per
+        watch.rawlinked = True  # greenlet; it finds the watch in g
+        watch.main = False  # a gevent Greenlet runs in a hub: never a main greenlet
+    else:
+        watch.rawlinked = False
+        watch.main = g.parent is None
+        if watch.main:
+            # A thread's main greenlet may outlive its thread (kept by a hub's cycle):
+            # its thread's end is its death.
+            _cleanup.at_thread_end(watch._thread_ended)
+    return watch
 
 
 class _Reap:
@@ -464,12 +510,13 @@ def close_or_release(value: Any, close: Callable[[Any], object] = _close_value) 
     fresh ones as needed. The error is re-raised. On success this costs one
     ``get_transaction()``: the transaction is kept only to look at if the close fails.
     """
-    tx = value.get_transaction() if isinstance(value, Session) else None
+    session = isinstance(value, Session)
+    tx = value.get_transaction() if session else None
     # Debug mode: greenscope closes from wherever it runs (the reaper, close_all), which
     # is no misuse; the owner is restored after, so a later use elsewhere is caught.
     owner = _debug.untag(value) if _debug.active else None
     try:
-        if close is _close_value and tx is not None:
+        if session and close is _close_value:
             value.close()  # a Session, the default close: one Python call fewer
         else:
             close(value)
@@ -489,6 +536,8 @@ def _opened_connections(tx: Any) -> list[Any]:
     Connection the application passed as ``bind=`` (joining an external transaction):
     that one is not ours to drop. Any thread (plain dict reads).
     """
+    if tx is None:
+        return []  # no transaction, no connection (the usual orphan that never queried)
     entries = getattr(tx, "_connections", None) or {}
     opened = {id(e[0]): e[0] for e in list(entries.values()) if len(e) > 3 and e[3]}
     return list(opened.values())
@@ -645,22 +694,50 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
 
     # -- the slow paths -----------------------------------------------------------------
 
-    def _create(self) -> _T:
-        if self._shut_down:
-            self._check_open()  # raises
-        value = self.createfunc()  # first: if it raises, nothing is registered
-        d = getcurrent().__dict__
-        if self._key in d:  # createfunc itself used the registry
-            return d[self._key]  # type: ignore[no-any-return]
-        self._store(value)
-        return value
+    def _create(self, value: Any = _MISSING) -> _T:
+        """Make (or, from ``set()``, take) the current greenlet's value and store it.
+
+        One method for both, and the store inline: this runs once per greenlet, and a
+        Python call is a measurable part of a greenlet's cost (benchmarks/).
+        """
+        if value is _MISSING:
+            if self._shut_down:
+                self._check_open()  # raises
+            value = self.createfunc()  # first: if it raises, nothing is registered
+            g = getcurrent()
+            d = g.__dict__
+            if self._key in d:  # createfunc itself used the registry
+                return d[self._key]  # type: ignore[no-any-return]
+        else:
+            g = getcurrent()
+            d = g.__dict__
+        if not _cleanup.prepared.done:  # every store, not only a new watch: a watch
+            _cleanup.prepare()  # inherited across fork() finds no cleanup threads
+        watch: _Watch | None = d.get(_WATCH_KEY)
+        if watch is None:  # first value of this greenlet, in any registry
+            watch = d[_WATCH_KEY] = _new_watch(g)
+        d[self._key] = value
+        if _debug.active:
+            _debug.tag(value, g)
+        if watch.r1 is None:  # the usual case, inline: the watch's first value
+            watch.r1, watch.v1 = self, value
+            self._live += 1
+        elif watch.put(self, value):
+            self._live += 1
+        _LIVE.add(watch)
+        if watch.r1 is None:
+            # A take() in another thread (close_all) emptied the watch between put() and
+            # add(): it has this value too, and will close it. Unlisted, not kept empty.
+            _LIVE.discard(watch)  # type: ignore[unreachable]  # mypy cannot see threads
+        self._created += 1
+        return value  # type: ignore[no-any-return]
 
     def set(self, obj: _T) -> None:
         """Store ``obj`` for the current greenlet, replacing (not closing) any value."""
         self._check_open()
         if self._key in getcurrent().__dict__:
             self._removed += 1
-        self._store(obj)
+        self._create(obj)
 
     def _close_one(self, value: _T, orphan: bool) -> None:
         """Close one value (``orphan``: its greenlet ended first). Raises what close raises."""
@@ -677,47 +754,27 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
                 "greenscope.close_all(shutdown=False) instead."
             )
 
-    def _store(self, value: _T) -> None:
-        if not _cleanup.prepared.done:  # every store, not only a new watch: a watch
-            _cleanup.prepare()  # inherited across fork() finds no cleanup threads
-        g = getcurrent()
-        d = g.__dict__
-        watch: _Watch | None = d.get(_WATCH_KEY)
-        if watch is None:  # first value of this greenlet, in any registry
-            hub = _cleanup.hub_if_exists()
-            if g is hub:  # never true later: the hub gets no watch
-                raise RuntimeError(
-                    "greenscope: the gevent hub cannot hold a Session: it never ends (so "
-                    "the Session would never be cleaned up) and cannot block (so it cannot "
-                    "do I/O). Do database work in a greenlet, e.g. gevent.spawn(func)."
-                )
-            watch = d[_WATCH_KEY] = _Watch(g, hub)
-        d[self._key] = value
-        if _debug.active:
-            _debug.tag(value, g)
-        if watch.put(self, value):
-            self._live += 1
-        # This order: a take() racing in between can leave ref.watch set on a watch that
-        # is not listed (its callback then finds nothing), never the other way round (a
-        # listed watch whose callback cannot find it).
-        _LIVE.add(watch)
-        watch.ref.watch = watch
-        self._created += 1
-
     def clear(self) -> None:
         """Forget the current greenlet's value, if any, without closing it."""
-        d = getcurrent().__dict__
+        self._forget(getcurrent().__dict__)
+
+    def _forget(self, d: dict[str, Any]) -> None:
+        """clear(), given the current greenlet's dict (scoped_session.remove has it)."""
         if d.pop(self._key, _MISSING) is _MISSING:
             return
         watch: _Watch | None = d.get(_WATCH_KEY)
         # The watch holds every stored value; if it no longer holds this one, a take() in
         # another thread (close_all) got it first, and counts it as it closes it.
-        if watch is not None and watch.drop(self):
-            self._removed += 1
-            self._live -= 1
-            if watch.empty():
-                _LIVE.discard(watch)
-                watch.ref.watch = None
+        if watch is None:
+            return
+        if watch.r1 is self and not watch.more:  # the usual case, inline: its only value
+            watch.r1 = watch.v1 = None
+        elif not watch.drop(self):
+            return
+        self._removed += 1
+        self._live -= 1
+        if watch.r1 is None:  # empty (see _Watch.empty)
+            _LIVE.discard(watch)
 
     @property
     def shut_down(self) -> bool:
@@ -743,9 +800,6 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
             f"<GreenletRegistry {self._key} of {self.createfunc!r}: live={s.live} "
             f"created={s.created} removed={s.removed} reaped={s.reaped} failed={s.failed}>"
         )
-
-
-_MISSING: Any = object()
 
 
 def registries() -> list[GreenletRegistry[Any]]:
@@ -875,7 +929,7 @@ def _death_pending() -> bool:
             if watch.thread not in threads:
                 return True
         elif watch.rawlinked:
-            g = watch.ref()
+            g = watch()
             if g is not None and g.dead:
                 return True
     return False
@@ -929,7 +983,7 @@ def close_all(*, include_running: bool = True, shutdown: bool = True) -> int:
     total = 0
     me_greenlet = getcurrent()
     for watch in list(_LIVE):
-        g = watch.ref()
+        g = watch()
         if not include_running and g is not None and not g.dead and g is not me_greenlet:
             continue
         for registry, value in watch.take().items():

@@ -155,8 +155,9 @@ class scoped_session(ScopedHit, _sa_scoped_session[_S]):
         """
         registry = self.registry
         if isinstance(registry, GreenletRegistry):
-            # One lookup in the greenlet's dict instead of has() and registry().
-            value = getcurrent().__dict__.get(registry._key, _MISSING)
+            # One lookup in the greenlet's dict instead of has(), registry() and clear().
+            d = getcurrent().__dict__
+            value = d.get(registry._key, _MISSING)
             if value is _MISSING:
                 return
             try:
@@ -165,7 +166,7 @@ class scoped_session(ScopedHit, _sa_scoped_session[_S]):
                 registry._failed += 1
                 raise
             finally:
-                registry.clear()
+                registry._forget(d)
             return
         try:
             if registry.has():

@@ -394,8 +394,8 @@ def test_a_clear_racing_close_all_from_another_thread_counts_the_value_once() ->
     import sys  # noqa: PLC0415
 
     registry = greenscope.GreenletRegistry(Closable)
-    clear = greenscope.GreenletRegistry.clear
-    tracer, paused, resume = _pause_at(clear, "watch.drop(self)")
+    forget = greenscope.GreenletRegistry._forget  # clear()'s body
+    tracer, paused, resume = _pause_at(forget, "if watch.r1 is self and not watch.more")
 
     def owner() -> None:
         registry()
@@ -431,16 +431,20 @@ def test_a_store_racing_close_all_leaves_no_empty_watch_listed() -> None:
 
     first = greenscope.GreenletRegistry(Closable)
     second = greenscope.GreenletRegistry(Closable)
-    store = greenscope.GreenletRegistry._store
-    tracer, paused, resume = _pause_at(store, "watch.ref.watch = watch")
+    create = greenscope.GreenletRegistry._create  # its store, inline
+    tracer, paused, resume = _pause_at(create, "_LIVE.add(watch)")
+
+    stored, checked = threading.Event(), threading.Event()
 
     def work() -> None:
         first()
         sys.settrace(tracer)
         try:
-            second()  # stops between listing the watch and pointing its weakref at it
+            second()  # stops between putting the value in the watch and listing it
         finally:
             sys.settrace(None)
+        stored.set()
+        checked.wait(10)  # alive while checked: its end would unlist the watch anyway
 
     def owner() -> None:
         from greenlet import greenlet  # noqa: PLC0415
@@ -452,10 +456,12 @@ def test_a_store_racing_close_all_leaves_no_empty_watch_listed() -> None:
     assert paused.wait(10)
     greenscope.close_all(shutdown=False)
     resume.set()
+    assert stored.wait(10)
+    stuck = [w for w in list(_registry._LIVE) if w.empty()]
+    checked.set()
     t.join(10)
     assert greenscope.wait_reaped(5)
-    stuck = [w for w in list(_registry._LIVE) if w.empty()]
-    assert not stuck, "an empty watch stays listed for good"
+    assert not stuck, "an empty watch stays listed while its greenlet lives"
     assert first.stats().live == second.stats().live == 0
 
 
