@@ -30,6 +30,7 @@ _R = TypeVar("_R")
 
 
 _MISSING: object = object()
+_CLEAR = GreenletRegistry.clear
 
 
 class scoped_session(ScopedHit, _sa_scoped_session[_S]):
@@ -166,7 +167,10 @@ class scoped_session(ScopedHit, _sa_scoped_session[_S]):
                 registry._failed += 1
                 raise
             finally:
-                registry._forget(d)
+                if type(registry).clear is _CLEAR:
+                    registry._forget(d)  # clear() with the dict already read
+                else:
+                    registry.clear()  # a subclass's own clear()
             return
         try:
             if registry.has():

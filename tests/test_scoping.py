@@ -10,7 +10,13 @@ import sqlalchemy.orm
 from greenlet import GreenletExit, getcurrent
 from greenlet import greenlet as RawGreenlet
 from sqlalchemy import ForeignKey, String, exc, select, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 from sqlalchemy.util import ScopedRegistry
 
 import greenscope
@@ -235,3 +241,20 @@ def test_orphan_of_a_raw_greenlet_is_rolled_back(
     assert sqlite_db.count_rows("users") == 0
     with sqlite_db.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM users")).scalar_one() == 0
+
+
+def test_remove_calls_a_registry_subclass_own_clear() -> None:
+    """scoped_session.remove() goes through an overridden GreenletRegistry.clear()."""
+    calls: list[str] = []
+
+    class Counting(greenscope.GreenletRegistry[sqlalchemy.orm.Session]):
+        def clear(self) -> None:
+            calls.append("clear")
+            super().clear()
+
+    scoped = greenscope.scoped_session(sessionmaker())
+    scoped.registry = Counting(sessionmaker())
+    scoped()
+    scoped.remove()
+    assert calls == ["clear"]
+    assert scoped.registry.stats().live == 0
