@@ -272,9 +272,8 @@ class _Watch(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
         return pairs
 
     def _completed(self, g: Any) -> None:
-        # In the hub: no I/O, no logging, must not raise.
-        if self.empty():
-            return  # removed already: nothing to name or close
+        # In the hub: no I/O, no logging, must not raise. Only for a watch that holds
+        # values (_on_completion tests that).
         if g.exception is not None:
             self.how = " (raised)"
         elif isinstance(g.value, BaseException):  # killed: successful() with GreenletExit
@@ -700,17 +699,15 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
         One method for both, and the store inline: this runs once per greenlet, and a
         Python call is a measurable part of a greenlet's cost (benchmarks/).
         """
-        if value is _MISSING:
+        creating = value is _MISSING
+        if creating:
             if self._shut_down:
                 self._check_open()  # raises
             value = self.createfunc()  # first: if it raises, nothing is registered
-            g = getcurrent()
-            d = g.__dict__
-            if self._key in d:  # createfunc itself used the registry
-                return d[self._key]  # type: ignore[no-any-return]
-        else:
-            g = getcurrent()
-            d = g.__dict__
+        g = getcurrent()
+        d = g.__dict__
+        if creating and self._key in d:  # createfunc itself used the registry
+            return d[self._key]  # type: ignore[no-any-return]
         if not _cleanup.prepared.done:  # every store, not only a new watch: a watch
             _cleanup.prepare()  # inherited across fork() finds no cleanup threads
         watch: _Watch | None = d.get(_WATCH_KEY)
