@@ -59,12 +59,16 @@ class RegistryHit:
     def __call__(self):  # type: ignore[no-untyped-def]
         if cython.compiled:  # decided when Cython compiles this: one branch is C
             # dict.get on a typed dict is one C call, and a miss (every greenlet's first
-            # use) raises no KeyError, which costs more than the lookup.
-            d: dict = getcurrent().__dict__  # type: ignore[type-arg]
-            value = d.get(self._key, _MISSING)
-            if value is _MISSING:
-                return self._create()
-            return value
+            # use) raises no KeyError, which costs more than the lookup. Typed means an
+            # exact dict: a dict subclass assigned to the greenlet's __dict__ takes the
+            # generic path below instead of a TypeError.
+            found = getcurrent().__dict__
+            if type(found) is dict:
+                d: dict = found  # type: ignore[type-arg]
+                value = d.get(self._key, _MISSING)
+                if value is _MISSING:
+                    return self._create()
+                return value
         # Python: d[key] is cheaper than a d.get() call on every hit; a miss pays.
         try:
             return getcurrent().__dict__[self._key]
@@ -82,13 +86,15 @@ class ScopedHit:
     def __call__(self, **kw):  # type: ignore[no-untyped-def]
         if not kw:
             if cython.compiled:  # as in RegistryHit
-                d: dict = getcurrent().__dict__  # type: ignore[type-arg]
-                value = d.get(self._greenscope_key, _MISSING)
-                if value is not _MISSING:
-                    return value
-            else:
-                try:
-                    return getcurrent().__dict__[self._greenscope_key]
-                except KeyError:
-                    pass
+                found = getcurrent().__dict__
+                if type(found) is dict:
+                    d: dict = found  # type: ignore[type-arg]
+                    value = d.get(self._greenscope_key, _MISSING)
+                    if value is not _MISSING:
+                        return value
+                    return self._greenscope_miss(kw)
+            try:
+                return getcurrent().__dict__[self._greenscope_key]
+            except KeyError:
+                pass
         return self._greenscope_miss(kw)

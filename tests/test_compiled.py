@@ -241,3 +241,25 @@ def test_a_registry_assigned_later_is_the_one_session_uses() -> None:
     stock.clear()
     old.close()
     old_registry.clear()
+
+
+def test_a_greenlet_whose_dict_is_a_dict_subclass_still_gets_its_session() -> None:
+    """A dict subclass assigned to a greenlet's __dict__ works on both hit paths."""
+
+    class Attrs(dict[str, object]):
+        pass
+
+    registry: GreenletRegistry[object] = GreenletRegistry(object)
+    session = greenscope.scoped_session(sessionmaker())
+    seen: list[object] = []
+
+    def body() -> None:
+        RawGreenlet.getcurrent().__dict__ = Attrs()
+        value = registry()
+        seen.extend([value is registry(), session() is session()])
+        session.remove()
+        registry.clear()
+
+    RawGreenlet(body).switch()
+    assert seen == [True, True]
+    assert registry.stats().live == greenscope.stats().live == 0
