@@ -66,6 +66,7 @@ import greenlet
 __all__ = [
     "CleanupSettings",
     "CloseDeadline",
+    "allocate_rlock",
     "configure_cleanup",
     "get_ident",
     "hub_if_exists",
@@ -108,11 +109,13 @@ if _get_original is not None:
     get_ident: Callable[[], int] = _get_original("_thread", "get_ident")
     _start_new_thread: Callable[..., int] = _get_original("_thread", "start_new_thread")
     _allocate_lock: Callable[[], _thread.LockType] = _get_original("_thread", "allocate_lock")
+    allocate_rlock: Callable[[], Any] = _get_original("_thread", "RLock")
     _ThreadLocal: type = _get_original("_thread", "_local")
 else:  # pragma: no cover - exercised by a subprocess test
     get_ident = _thread.get_ident
     _start_new_thread = _thread.start_new_thread
     _allocate_lock = _thread.allocate_lock
+    allocate_rlock = _thread.RLock
     _ThreadLocal = _thread._local
 
 

@@ -36,10 +36,22 @@ Invariants:
   good. The first one detaches the values; the others find nothing left. All run where
   I/O is forbidden, so closing is handed to :mod:`greenscope._cleanup`.
 
-Thread/greenlet safety: a greenlet only mutates its own dict and watch, except when it
-has died (then only the one callback that detaches it does). Shared structures are
-mutated with single dict/set operations, atomic under the GIL. Counters are exact on
-GIL builds, approximate on free-threaded ones.
+Thread/greenlet safety: a greenlet's values (its dict's ``greenscope:R*`` keys, its
+watch's values, the watch's ``_LIVE`` membership and the registries' ``_live`` counts)
+are changed by the greenlet itself (a store, a clear) or by a ``take()`` from anywhere
+else (``close_all()`` in another thread, a weakref callback in a GC pass, the hub at a
+completion). A ``take()`` runs under ``_values_lock``, and so does every change by the
+owner but the two that a greenlet makes once each, which are ordered instead (with the
+GIL, bytecodes run one at a time): the first store into an empty watch lists the watch
+last, so a take() sees all of it or none of it, and ``take()`` empties a watch last, so
+an empty watch is never one being taken; clearing a watch's only value claims the watch
+by removing it from ``_LIVE``, one atomic operation, as take() does. So a value stored,
+replaced or cleared while ``close_all()`` takes the greenlet's others is neither lost
+nor counted twice. On a free-threaded build the lock is always taken. The hit path reads
+the greenlet's own dict and takes no lock. Not prevented: ``close_all()`` closing a
+running greenlet's Session while its owner closes it too (``include_running=False``
+leaves running greenlets alone). The other counters are exact on GIL builds,
+approximate on free-threaded ones.
 """
 
 from __future__ import annotations
@@ -99,6 +111,17 @@ _REGISTRIES: weakref.WeakSet[GreenletRegistry[Any]] = weakref.WeakSet()
 # Watches holding at least one value (alive while listed). A set of the watches
 # themselves: keyed by id() of their weakref, each entry also held an int.
 _LIVE: set[_Watch] = set()
+
+# Held by take() and by a greenlet's own changes to its values but the two ordered ones
+# (see the module's docstring; an acquire and release cost about 1,000 instructions,
+# which those two, once per greenlet each, do without). Re-entrant: a GC pass inside a
+# critical section may free another greenlet, whose weakref callback takes that
+# greenlet's watch. An OS lock even under monkey-patching: nothing under it switches
+# greenlets or does I/O. Made anew in a forked child (_forget_inherited).
+_values_lock = _cleanup.allocate_rlock()
+# Whether bytecodes run one at a time, which the ordered changes rely on. A free-threaded
+# build may enable its GIL later (for an extension), never disable it once enabled.
+_ORDERED = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class _Shutdown:
@@ -265,10 +288,12 @@ class _Watch(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
         return self.r1 is None
 
     def items(self) -> list[tuple[GreenletRegistry[Any], Any]]:
-        """(registry, value) pairs, oldest registry first."""
+        """(registry, value) pairs, oldest registry first. Any thread: ``more`` is read
+        once, and a take() elsewhere replaces it rather than emptying it."""
         pairs = [] if self.r1 is None else [(self.r1, self.v1)]
-        if self.more:
-            pairs.extend(self.more.items())
+        more = self.more
+        if more:
+            pairs.extend(more.items())
         return pairs
 
     def _completed(self, g: Any) -> None:
@@ -295,20 +320,26 @@ class _Watch(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
     def take(self) -> dict[GreenletRegistry[Any], Any]:
         """Unregister every value (from ``_LIVE``, the registries and the greenlet's dict
         while it exists) and return them; empty if another caller took them first.
-        Any context: dict and set operations only."""
+        Any context: dict and set operations only, under ``_values_lock``."""
         if self not in _LIVE:
-            return {}  # the usual case, tested first: raising KeyError costs more
+            return {}  # the usual case, tested first and without the lock
+        lock = _values_lock  # against the owner storing or clearing meanwhile
+        lock.acquire()  # not ``with``: an orphan's path, and ``with`` costs twice as much
         try:
-            _LIVE.remove(self)  # atomic: of two racing callers, one gets the values
-        except KeyError:
-            return {}
-        values = dict(self.items())
-        self.r1 = self.v1 = self.more = None
-        g = self()
-        d = g.__dict__ if g is not None else {}
-        for registry in values:
-            registry._live -= 1
-            d.pop(registry._key, None)
+            try:
+                _LIVE.remove(self)  # the claim: the owner's clear claims it the same way
+            except KeyError:
+                return {}  # another caller took them first
+            values = dict(self.items())
+            g = self()
+            d = g.__dict__ if g is not None else {}
+            for registry in values:
+                registry._live -= 1
+                d.pop(registry._key, None)
+            # Emptied last: an owner that finds its watch empty stores without the lock.
+            self.r1 = self.v1 = self.more = None
+        finally:
+            lock.release()
         return values
 
     def detach(self, thread_gone: bool = False) -> None:
@@ -713,27 +744,30 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
         watch: _Watch | None = d.get(_WATCH_KEY)
         if watch is None:  # first value of this greenlet, in any registry
             watch = d[_WATCH_KEY] = _new_watch(g)
-        d[self._key] = value
         if _debug.active:
             _debug.tag(value, g)
-        if watch.r1 is None:  # the usual case, inline: the watch's first value
+        if watch.r1 is None and _ORDERED:
+            # The usual case, inline and without the lock: the watch's first value. Empty,
+            # the watch is unlisted and no take() is emptying it (see the module's
+            # docstring); listed last, a take() elsewhere sees all of this or none of it.
+            d[self._key] = value
             watch.r1, watch.v1 = self, value
             self._live += 1
-        elif watch.put(self, value):
-            self._live += 1
-        _LIVE.add(watch)
-        if watch.r1 is None:
-            # A take() in another thread (close_all) emptied the watch between put() and
-            # add(): it has this value too, and will close it. Unlisted, not kept empty.
-            _LIVE.discard(watch)  # type: ignore[unreachable]  # mypy cannot see threads
+            _LIVE.add(watch)
+        else:
+            with _values_lock:  # a take() elsewhere (close_all) sees all of this or none
+                d[self._key] = value
+                if watch.put(self, value):
+                    self._live += 1
+                elif not creating:  # set() replaced this registry's value: it is removed
+                    self._removed += 1
+                _LIVE.add(watch)
         self._created += 1
         return value  # type: ignore[no-any-return]
 
     def set(self, obj: _T) -> None:
         """Store ``obj`` for the current greenlet, replacing (not closing) any value."""
         self._check_open()
-        if self._key in getcurrent().__dict__:
-            self._removed += 1
         self._create(obj)
 
     def _close_one(self, value: _T, orphan: bool) -> None:
@@ -760,18 +794,26 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
         if d.pop(self._key, _MISSING) is _MISSING:
             return
         watch: _Watch | None = d.get(_WATCH_KEY)
-        # The watch holds every stored value; if it no longer holds this one, a take() in
-        # another thread (close_all) got it first, and counts it as it closes it.
         if watch is None:
             return
-        if watch.r1 is self and not watch.more:  # the usual case, inline: its only value
+        # The watch holds every stored value; if it no longer holds this one, a take()
+        # elsewhere (close_all) got it first, and counts it as it closes it.
+        if watch.r1 is self and not watch.more and _ORDERED:  # its only value: inline
+            try:
+                _LIVE.remove(watch)  # the claim, without the lock: take() claims so too
+            except KeyError:
+                return
             watch.r1 = watch.v1 = None
-        elif not watch.drop(self):
+            self._removed += 1
+            self._live -= 1
             return
-        self._removed += 1
-        self._live -= 1
-        if watch.r1 is None:  # empty (see _Watch.empty)
-            _LIVE.discard(watch)
+        with _values_lock:
+            if not watch.drop(self):
+                return
+            if watch.r1 is None:  # empty (see _Watch.empty)
+                _LIVE.discard(watch)
+            self._removed += 1
+            self._live -= 1
 
     @property
     def shut_down(self) -> bool:
@@ -821,6 +863,8 @@ def _forget_inherited() -> None:
     the parent's transaction would be rolled back or its journal replayed under it.
     So the values are kept, never freed and never finalized, for the child's lifetime.
     """
+    global _values_lock  # noqa: PLW0603 - a thread that held it at fork() is gone
+    _values_lock = _cleanup.allocate_rlock()
     kept: list[Any] = []
     for watch in list(_LIVE):
         values = watch.take()
@@ -963,6 +1007,12 @@ def close_all(*, include_running: bool = True, shutdown: bool = True) -> int:
     wait for that greenlet's query to finish, and pull the Session from under it. The
     gunicorn integration exits that way, so an immediate shutdown is not held up by
     requests still in flight. Must be called from a greenlet, not from inside the hub.
+
+    Thread safety: a greenlet of another thread that stores, replaces or clears a value
+    meanwhile loses nothing, and each value is counted once: close_all() takes what it
+    finds, and what is stored after is the owner's. With ``include_running=True``, a
+    running greenlet's Session may be closed while its owner still uses it (or closes
+    it too): that is what ``include_running=False`` avoids.
 
     .. versionadded:: 0.1
     """

@@ -395,7 +395,7 @@ def test_a_clear_racing_close_all_from_another_thread_counts_the_value_once() ->
 
     registry = greenscope.GreenletRegistry(Closable)
     forget = greenscope.GreenletRegistry._forget  # clear()'s body
-    tracer, paused, resume = _pause_at(forget, "if watch.r1 is self and not watch.more")
+    tracer, paused, resume = _pause_at(forget, "_LIVE.remove(watch)")  # the inline clear
 
     def owner() -> None:
         registry()
@@ -432,7 +432,7 @@ def test_a_store_racing_close_all_leaves_no_empty_watch_listed() -> None:
     first = greenscope.GreenletRegistry(Closable)
     second = greenscope.GreenletRegistry(Closable)
     create = greenscope.GreenletRegistry._create  # its store, inline
-    tracer, paused, resume = _pause_at(create, "_LIVE.add(watch)")
+    tracer, paused, resume = _pause_at(create, "with _values_lock:")
 
     stored, checked = threading.Event(), threading.Event()
 
@@ -440,7 +440,7 @@ def test_a_store_racing_close_all_leaves_no_empty_watch_listed() -> None:
         first()
         sys.settrace(tracer)
         try:
-            second()  # stops between putting the value in the watch and listing it
+            second()  # stops just before it stores the value
         finally:
             sys.settrace(None)
         stored.set()
@@ -463,6 +463,104 @@ def test_a_store_racing_close_all_leaves_no_empty_watch_listed() -> None:
     assert greenscope.wait_reaped(5)
     assert not stuck, "an empty watch stays listed while its greenlet lives"
     assert first.stats().live == second.stats().live == 0
+
+
+def _owner_acts(owner_does: str, first: Any, second: Any) -> dict[Any, Any]:
+    """Do what ``owner_does`` says; return what the owner stored, by registry."""
+    stored: dict[Any, Any] = {}
+    if owner_does.startswith("clear"):
+        first.clear()
+        if owner_does.endswith("again"):
+            stored[first] = first()
+    elif owner_does == "replace it with set()":
+        stored[first] = Closable()
+        first.set(stored[first])
+    else:
+        stored[second] = second()
+    return stored
+
+
+@pytest.mark.parametrize(
+    "owner_does",
+    ["store a second value", "clear", "clear, then store again", "replace it with set()"],
+)
+@pytest.mark.parametrize(
+    "take_paused_at",
+    [
+        "values = dict(self.items())",
+        "d.pop(registry._key, None)",
+        "self.r1 = self.v1 = self.more = None",
+    ],
+    ids=["after its claim", "as it unregisters", "before it empties the watch"],
+)
+@pytest.mark.parametrize("ordered", [True, False], ids=["GIL", "locks only"])
+def test_the_owner_changing_its_values_waits_for_a_take_from_another_thread(
+    owner_does: str, take_paused_at: str, ordered: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close_all() paused inside take(): the owner's store, clear or set() neither loses
+    nor double-counts a value, and the owner then holds what it stored."""
+    import sys  # noqa: PLC0415
+
+    from greenscope import _registry  # noqa: PLC0415
+
+    # "locks only": what a free-threaded build does, where no change goes without the lock.
+    monkeypatch.setattr(_registry, "_ORDERED", ordered)
+    first = greenscope.GreenletRegistry(Closable)
+    second = greenscope.GreenletRegistry(Closable)
+    tracer, paused, resume = _pause_at(_registry._Watch.take, take_paused_at)
+    ready, go, done, taken, finish = (threading.Event() for _ in range(5))
+    holds: list[bool] = []
+
+    def work() -> None:
+        first()
+        ready.set()
+        go.wait(10)
+        stored = _owner_acts(owner_does, first, second)
+        done.set()
+        taken.wait(10)  # close_all() took the value it found: the owner's own are left
+        for registry in (first, second):
+            holds.append(
+                registry() is stored[registry] if registry in stored else not registry.has()
+            )
+        finish.wait(10)  # alive until checked: its end would reap what it holds
+
+    def owner() -> None:
+        from greenlet import greenlet  # noqa: PLC0415
+
+        greenlet(work).switch()  # a raw greenlet: freed (and reaped) when it ends
+
+    def taker() -> None:
+        sys.settrace(tracer)
+        try:
+            greenscope.close_all(shutdown=False)
+        finally:
+            sys.settrace(None)
+
+    closed_before = Closable.closed
+    t_owner = threading.Thread(target=owner)
+    t_owner.start()
+    assert ready.wait(10)
+    t_taker = threading.Thread(target=taker)
+    t_taker.start()
+    assert paused.wait(10)
+    go.set()
+    # Fixed, the owner waits for take() to finish: this times out. Unfixed, it finishes
+    # inside take()'s window. Either way the outcome is checked after both are done.
+    done.wait(1)
+    resume.set()
+    t_taker.join(10)
+    taken.set()
+    assert done.wait(10)
+    finish.set()
+    t_owner.join(10)
+    assert greenscope.wait_reaped(5)
+    assert holds == [True, True]
+    for registry in (first, second):
+        s = registry.stats()
+        assert s.live == 0, (registry, s)
+        assert s.created == s.removed + s.reaped, (registry, s)
+    # take() copied the value before the clear: it closes it; the clear finds it gone.
+    assert Closable.closed - closed_before == first.stats().created + second.stats().created
 
 
 def test_a_scopefunc_scoped_session_uses_sqlalchemys_own_lookup() -> None:
@@ -511,3 +609,40 @@ def test_a_watch_inherited_across_fork_still_gets_its_cleanup_threads() -> None:
         """
     )
     assert result == {"reaped": True, "live": 0}
+
+
+def test_a_fork_while_another_thread_changes_its_values_leaves_the_child_usable() -> None:
+    """The lock a thread held at fork() is made anew in the child: it stores and clears."""
+    result = run_scenario(
+        """
+        import json, os, signal, threading, warnings
+        from greenscope import GreenletRegistry, _registry
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        registry = GreenletRegistry(object)
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with _registry._values_lock:  # as a store in another thread would, at fork()
+                held.set()
+                release.wait(10)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        held.wait(10)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)  # a deadlocked child dies instead of hanging the test
+            registry()
+            registry.clear()
+            os.write(write, json.dumps(registry.stats().live).encode())
+            os._exit(0)
+        release.set()
+        t.join()
+        _, status = os.waitpid(pid, 0)
+        os.close(write)
+        child_live = json.loads(os.read(read, 100) or b"null")
+        print(json.dumps({"status": status, "child_live": child_live}))
+        """
+    )
+    assert result == {"status": 0, "child_live": 0}
