@@ -336,8 +336,11 @@ class _Watch(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
             for registry in values:
                 registry._live -= 1
                 d.pop(registry._key, None)
-            # Emptied last: an owner that finds its watch empty stores without the lock.
-            self.r1 = self.v1 = self.more = None
+            # Emptied last, r1 after the rest: an owner that finds r1 None stores without
+            # the lock, and must find nothing of this take() still to be written.
+            self.more = None
+            self.v1 = None
+            self.r1 = None
         finally:
             lock.release()
         return values
@@ -755,6 +758,9 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
             self._live += 1
             _LIVE.add(watch)
         else:
+            # A value replaced here (set()) is kept until the lock is released: freed
+            # inside, its finalizers would run under the lock.
+            replaced = d.get(self._key)  # noqa: F841
             with _values_lock:  # a take() elsewhere (close_all) sees all of this or none
                 d[self._key] = value
                 if watch.put(self, value):
@@ -791,7 +797,10 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
 
     def _forget(self, d: dict[str, Any]) -> None:
         """clear(), given the current greenlet's dict (scoped_session.remove has it)."""
-        if d.pop(self._key, _MISSING) is _MISSING:
+        # Kept (a local) until this returns: freed under the lock, its finalizers would
+        # run there.
+        value = d.pop(self._key, _MISSING)
+        if value is _MISSING:
             return
         watch: _Watch | None = d.get(_WATCH_KEY)
         if watch is None:

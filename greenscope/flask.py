@@ -50,7 +50,7 @@ from sqlalchemy.orm import scoped_session as _sa_scoped_session
 from sqlalchemy.util import ScopedRegistry
 
 import greenscope
-from greenscope import _debug
+from greenscope import _debug, _registry
 from greenscope._registry import GreenletRegistry, RegistryStats, close_or_release
 from greenscope._scoping import scoped_session
 
@@ -72,11 +72,15 @@ def _current_app_context() -> Any:
 class AppContextSessions:
     """One greenlet's Sessions: app context id -> (weakref to the context, Session)."""
 
-    __slots__ = ("entries", "registry")
+    __slots__ = ("closed", "entries", "registry")
 
     def __init__(self, registry: AppContextRegistry) -> None:
         self.registry = registry
         self.entries: dict[int, tuple[weakref.ref[Any], Session]] = {}
+        # Set by close(), which may run in another thread (close_all): the owner's changes
+        # to ``entries`` and close() take greenscope's values lock, so a Session the
+        # owner stores afterwards goes to a new container instead of one nobody holds.
+        self.closed = False
 
     def greenscope_sessions(self) -> list[Session]:
         """The Sessions held (for :func:`greenscope.current_sessions` and cleanup)."""
@@ -89,7 +93,9 @@ class AppContextSessions:
         error is re-raised once all are handled, as :func:`greenscope.remove_current`
         does, so no Session is dropped unclosed with its connection checked out.
         """
-        entries, self.entries = self.entries, {}
+        with _registry._values_lock:
+            self.closed = True
+            entries, self.entries = self.entries, {}
         fatal: BaseException | None = None
         for _, session in entries.values():
             try:
@@ -151,9 +157,15 @@ class AppContextRegistry(ScopedRegistry[Session]):
             return sessions, ctx, session
         # A dead context's Session under a reused id: never hand it out; close it here
         # (this is its own greenlet, where blocking is allowed).
-        del sessions.entries[id(ctx)]
-        self._reap(session)
+        if self._pop(sessions, ctx) is not None:  # else close_all() took it, and closes it
+            self._reap(session)
         return sessions, ctx, None
+
+    def _pop(self, sessions: AppContextSessions, ctx: Any) -> Session | None:
+        """Take ``ctx``'s entry out of ``sessions``; None if close() took it first."""
+        with _registry._values_lock:
+            entry = sessions.entries.pop(id(ctx), None)
+        return entry[1] if entry is not None else None
 
     def _reap(self, session: Session, orphan: bool = True) -> None:
         """Close a Session whose app context or greenlet is gone (``orphan``), or whose
@@ -186,26 +198,38 @@ class AppContextRegistry(ScopedRegistry[Session]):
 
     def set(self, obj: Session) -> None:
         self._greenlets._check_open()
-        sessions, ctx, old = self._entry(create=True)
+        sessions, ctx, _ = self._entry(create=True)
         assert sessions is not None
-        if old is not None:
+        if self._store(sessions, ctx, obj) is not None:  # replaced, not closed
             self._live -= 1
             self._removed += 1
-        self._store(sessions, ctx, obj)
 
-    def _store(self, sessions: AppContextSessions, ctx: Any, session: Session) -> None:
-        sessions.entries[id(ctx)] = (weakref.ref(ctx), session)
+    def _store(
+        self, sessions: AppContextSessions, ctx: Any, session: Session
+    ) -> tuple[Any, Session] | None:
+        """Store ``session`` for ``ctx``; return the entry it replaced, if any. Into a new
+        container if close_all() took (or closed) this one meanwhile: the greenlet's own
+        dict no longer holds it, and its close would never see the new Session."""
+        key, entry = id(ctx), (weakref.ref(ctx), session)
+        while True:
+            with _registry._values_lock:  # take() unregisters under it too
+                current = getcurrent().__dict__.get(self._greenlets._key)
+                if current is sessions and not sessions.closed:
+                    old: tuple[Any, Session] | None = sessions.entries.get(key)
+                    sessions.entries[key] = entry
+                    break
+            sessions = self._greenlets()  # a new container (or the one stored meanwhile)
         if _debug.active:
             _debug.tag(session, getcurrent())
         self._created += 1
         self._live += 1
+        return old
 
     def clear(self) -> None:
         sessions, ctx, session = self._entry(create=False)
         if sessions is None:
             return
-        if session is not None:
-            del sessions.entries[id(ctx)]
+        if session is not None and self._pop(sessions, ctx) is not None:
             self._live -= 1
             self._removed += 1
         if not sessions.entries:
