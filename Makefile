@@ -34,7 +34,7 @@ VENV_SA20 := .venv-sa20
 PIP_FLAGS := --quiet --disable-pip-version-check
 VERSIONS := 'import sys, sqlalchemy, gevent, greenscope._hot as h; print("== Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "gevent", gevent.__version__, "greenscope._hot", "compiled" if h.compiled else "pure Python")'
 
-.PHONY: test lint pytest pytest-sa20 demo bench soak soak-celery soak-fleet fuzz package docs clean
+.PHONY: test lint pytest pytest-sa20 demo bench bench-e2e-instructions soak soak-celery soak-fleet fuzz package docs clean
 
 test: lint pytest pytest-sa20
 
@@ -73,6 +73,9 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/bench.py
+
+bench-e2e-instructions: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/e2e_instructions.py
 
 soak: $(VENV)/.installed
 	$(VENV)/bin/python deploy/soak.py $(SOAK_ARGS)

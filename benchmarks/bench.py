@@ -439,6 +439,15 @@ def postgres_placement(url: str) -> str:
 def _server(
     variant: str, url: str, table: str, port: int, *, workdir: str, prefix: list[str]
 ) -> loadgen.Server:
+    argv, env = _server_command(variant, url, table, port, prefix)
+    return loadgen.Server(argv, port, env, workdir, f"server-{variant}-{port}")
+
+
+def _server_command(
+    variant: str, url: str, table: str, port: int, prefix: list[str]
+) -> tuple[list[str], dict[str, str]]:
+    """The demo service under gunicorn, one worker: greenscope's worker, or stock
+    ``-k gevent`` with a hand-written ``post_request`` remove."""
     env = {
         **os.environ,
         "DATABASE_URL": url,
@@ -456,7 +465,7 @@ def _server(
         argv += ["-k", "greenscope.gunicorn.GeventWorker"]
     else:
         argv += ["-c", str(HERE / "stock_remove.conf.py")]
-    return loadgen.Server([*argv, "demo_app:app"], port, env, workdir, f"server-{variant}-{port}")
+    return [*argv, "demo_app:app"], env
 
 
 def bench_e2e(
@@ -502,12 +511,16 @@ def bench_e2e(
         finally:
             for server in servers.values():
                 server.stop()
-            if not url.startswith("sqlite"):
-                engine = create_engine(url)
-                with engine.begin() as conn:
-                    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
-                engine.dispose()
+            _drop_demo_table(url, table)
     return {"samples": samples, "summary": summarize_e2e(samples)}
+
+
+def _drop_demo_table(url: str, table: str) -> None:
+    if not url.startswith("sqlite"):
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+        engine.dispose()
 
 
 def served(result: dict[str, Any], concurrency: int) -> float | None:
