@@ -72,15 +72,13 @@ def _current_app_context() -> Any:
 class AppContextSessions:
     """One greenlet's Sessions: app context id -> (weakref to the context, Session)."""
 
-    __slots__ = ("closed", "entries", "registry")
+    __slots__ = ("entries", "registry")
 
     def __init__(self, registry: AppContextRegistry) -> None:
         self.registry = registry
+        # Changed by the owner and by close(), which may run in another thread
+        # (close_all): both under greenscope's values lock (see AppContextRegistry._store).
         self.entries: dict[int, tuple[weakref.ref[Any], Session]] = {}
-        # Set by close(), which may run in another thread (close_all): the owner's changes
-        # to ``entries`` and close() take greenscope's values lock, so a Session the
-        # owner stores afterwards goes to a new container instead of one nobody holds.
-        self.closed = False
 
     def greenscope_sessions(self) -> list[Session]:
         """The Sessions held (for :func:`greenscope.current_sessions` and cleanup)."""
@@ -93,8 +91,7 @@ class AppContextSessions:
         error is re-raised once all are handled, as :func:`greenscope.remove_current`
         does, so no Session is dropped unclosed with its connection checked out.
         """
-        with _registry._values_lock:
-            self.closed = True
+        with _registry._values_lock:  # against the owner's _pop() and _store()
             entries, self.entries = self.entries, {}
         fatal: BaseException | None = None
         for _, session in entries.values():
@@ -208,13 +205,14 @@ class AppContextRegistry(ScopedRegistry[Session]):
         self, sessions: AppContextSessions, ctx: Any, session: Session
     ) -> tuple[Any, Session] | None:
         """Store ``session`` for ``ctx``; return the entry it replaced, if any. Into a new
-        container if close_all() took (or closed) this one meanwhile: the greenlet's own
-        dict no longer holds it, and its close would never see the new Session."""
+        container if close_all() took this one meanwhile: the greenlet's own dict no
+        longer holds it (take() unregisters it under the same lock), and its close would
+        never see the new Session."""
         key, entry = id(ctx), (weakref.ref(ctx), session)
         while True:
-            with _registry._values_lock:  # take() unregisters under it too
+            with _registry._values_lock:
                 current = getcurrent().__dict__.get(self._greenlets._key)
-                if current is sessions and not sessions.closed:
+                if current is sessions:
                     old: tuple[Any, Session] | None = sessions.entries.get(key)
                     sessions.entries[key] = entry
                     break

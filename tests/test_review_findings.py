@@ -700,3 +700,35 @@ def test_take_empties_the_first_slot_after_the_rest() -> None:
         if i.opname == "STORE_ATTR" and i.argval in {"r1", "v1", "more"}
     ]
     assert stores[-3:] == ["more", "v1", "r1"], stores
+
+
+def test_a_flask_session_used_while_its_container_closes_at_request_end_does_not_hang() -> None:
+    """A Session's close that asks the Flask registry for a Session (an event handler's
+    use) during request-end removal gets one: no store loops on the closing container."""
+    import flask  # noqa: PLC0415
+    from sqlalchemy import orm  # noqa: PLC0415
+
+    from greenscope.flask import AppContextRegistry  # noqa: PLC0415
+
+    app = flask.Flask(__name__)
+    used: list[bool] = []
+
+    class UsesTheRegistryOnClose(orm.Session):
+        def close(self) -> None:
+            super().close()
+            if not used:
+                used.append(registry() is not self)  # a new Session, in the same context
+
+    registry = AppContextRegistry(UsesTheRegistryOnClose)
+    done = threading.Event()
+
+    def request() -> None:
+        with app.app_context():
+            registry()
+            greenscope.remove_current()
+            registry.clear()
+        done.set()
+
+    threading.Thread(target=request, daemon=True).start()
+    assert done.wait(10), "the store looped on the closing container"
+    assert used == [True]
