@@ -30,10 +30,8 @@ import argparse
 import http.client
 import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from itertools import repeat
@@ -83,18 +81,9 @@ def _serve(variant: str, url: str, table: str, requests: int, workdir: str) -> d
     argv, env = bench._server_command(variant, url, table, port, grind)
     argv[-1:-1] = ["--timeout", "900"]  # a worker under valgrind heartbeats slowly
     env["PYTHONPERFSUPPORT"] = "1"  # a stub per Python function, named in /tmp/perf-PID.map
-    with open(f"{out}.server.log", "wb") as log:
-        proc = subprocess.Popen(argv, env=env, cwd=workdir, stdout=log, stderr=log)
+    # Under valgrind the start-up takes a minute or more.
+    server = loadgen.Server(argv, port, env, workdir, f"{out.name}.server", start_timeout=600)
     try:
-        end = time.monotonic() + 600
-        while True:
-            try:
-                loadgen.get_stats(port)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > end:
-                    raise RuntimeError(f"{variant} under callgrind did not start") from None
-                time.sleep(0.5)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         for _ in range(requests):
             conn.request("GET", "/sql")
@@ -104,9 +93,8 @@ def _serve(variant: str, url: str, table: str, requests: int, workdir: str) -> d
                 raise RuntimeError(f"{variant}: GET /sql answered {resp.status}")
         conn.close()
     finally:
-        proc.terminate()  # gunicorn's graceful stop: the worker exits, callgrind writes
-        proc.wait(600)
-    booted = re.findall(r"Booting worker with pid: (\d+)", Path(f"{out}.server.log").read_text())
+        server.stop(timeout=600)  # gunicorn's graceful stop: the worker exits, callgrind writes
+    booted = re.findall(r"Booting worker with pid: (\d+)", server.log())
     if len(booted) != 1:  # a worker replaced mid-run would split the count
         raise RuntimeError(f"{variant}: expected one worker, gunicorn booted {booted}")
     pid = int(booted[0])

@@ -289,6 +289,7 @@ class Server:
         log_name: str = "",
         *,
         host: str = "127.0.0.1",
+        start_timeout: float = 30,
     ) -> None:
         self.port = port
         self.host = host
@@ -302,7 +303,7 @@ class Server:
             stderr=self._log,
             start_new_session=True,  # its own process group: kill() reaches the workers too
         )
-        end = time.monotonic() + 30
+        end = time.monotonic() + start_timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
@@ -312,7 +313,9 @@ class Server:
             except OSError:
                 if time.monotonic() > end:
                     self.stop()
-                    raise RuntimeError(f"server did not answer in 30 s:\n{self.log()}") from None
+                    raise RuntimeError(
+                        f"server did not answer in {start_timeout:g} s:\n{self.log()}"
+                    ) from None
                 time.sleep(0.05)
 
     def log(self) -> str:
