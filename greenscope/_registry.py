@@ -45,9 +45,16 @@ owner but the two that a greenlet makes once each, which are ordered instead (wi
 GIL, bytecodes run one at a time): the first store into an empty watch lists the watch
 last, so a take() sees all of it or none of it, and ``take()`` empties a watch last, so
 an empty watch is never one being taken; clearing a watch's only value claims the watch
-by removing it from ``_LIVE``, one atomic operation, as take() does. So a value stored,
-replaced or cleared while ``close_all()`` takes the greenlet's others is neither lost
-nor counted twice. On a free-threaded build the lock is always taken. The hit path reads
+by removing it from ``_LIVE``, one atomic operation, as take() does. The lock is
+re-entrant (a GC pass inside a critical section may free another greenlet, whose
+callback takes that greenlet's watch), so it does not keep out a greenlet of the same
+thread that runs while a take() is switched out (a finalizer doing gevent I/O in that
+GC pass, in ``close_all()``'s greenlet): a take() lists its watch in ``_TAKING``, and
+the owner's locked changes leave a watch found there alone (a store goes into a new
+watch; a clear leaves the value to the take(), which closes and counts it). So a value
+stored, replaced or cleared while ``close_all()`` takes the greenlet's others, from
+another thread or from a greenlet switch inside the take(), is neither lost nor
+counted twice. On a free-threaded build the lock is always taken. The hit path reads
 the greenlet's own dict and takes no lock. Not prevented: ``close_all()`` closing a
 running greenlet's Session while its owner closes it too (``include_running=False``
 leaves running greenlets alone). The other counters are exact on GIL builds,
@@ -111,13 +118,16 @@ _REGISTRIES: weakref.WeakSet[GreenletRegistry[Any]] = weakref.WeakSet()
 # Watches holding at least one value (alive while listed). A set of the watches
 # themselves: keyed by id() of their weakref, each entry also held an int.
 _LIVE: set[_Watch] = set()
+# Watches a take() is emptying, under _values_lock (see _Watch.take).
+_TAKING: set[_Watch] = set()
 
 # Held by take() and by a greenlet's own changes to its values but the two ordered ones
 # (see the module's docstring; an acquire and release cost about 1,000 instructions,
 # which those two, once per greenlet each, do without). Re-entrant: a GC pass inside a
 # critical section may free another greenlet, whose weakref callback takes that
-# greenlet's watch. An OS lock even under monkey-patching: nothing under it switches
-# greenlets or does I/O. Made anew in a forked child (_forget_inherited).
+# greenlet's watch. An OS lock even under monkey-patching: greenscope's own code under
+# it never switches greenlets or does I/O (a finalizer in a GC pass may: _TAKING covers
+# that). Made anew in a forked child (_forget_inherited).
 _values_lock = _cleanup.allocate_rlock()
 # Whether bytecodes run one at a time, which the ordered changes rely on. A free-threaded
 # build may enable its GIL later (for an extension), never disable it once enabled.
@@ -330,18 +340,25 @@ class _Watch(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
                 _LIVE.remove(self)  # the claim: the owner's clear claims it the same way
             except KeyError:
                 return {}  # another caller took them first
+            # The lock is re-entrant, so it does not keep out the owner if a greenlet
+            # switch happens in here (a GC pass whose finalizer does gevent I/O, in
+            # close_all()'s greenlet): the owner's locked changes find the watch in
+            # _TAKING and leave it alone (see _create and _forget).
+            _TAKING.add(self)
             values = dict(self.items())
             g = self()
             d = g.__dict__ if g is not None else {}
-            for registry in values:
+            for registry, value in values.items():
                 registry._live -= 1
-                d.pop(registry._key, None)
+                if d.get(registry._key, _MISSING) is value:  # not one stored since
+                    del d[registry._key]
             # Emptied last, r1 after the rest: an owner that finds r1 None stores without
             # the lock, and must find nothing of this take() still to be written.
             self.more = None
             self.v1 = None
             self.r1 = None
         finally:
+            _TAKING.discard(self)  # no greenlet switch can come between these and r1
             lock.release()
         return values
 
@@ -762,6 +779,10 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
             # inside, its finalizers would run under the lock.
             replaced = d.get(self._key)  # noqa: F841
             with _values_lock:  # a take() elsewhere (close_all) sees all of this or none
+                if watch in _TAKING:  # re-entered inside a take() of this greenlet's watch
+                    # That take() empties the watch when it resumes: what is stored now
+                    # goes into a new one, which the greenlet's end reaps as usual.
+                    watch = d[_WATCH_KEY] = _new_watch(g)
                 d[self._key] = value
                 if watch.put(self, value):
                     self._live += 1
@@ -817,7 +838,9 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
             self._live -= 1
             return
         with _values_lock:
-            if not watch.drop(self):
+            # Being taken (a take() switched out in this thread, see _Watch.take): the
+            # take() closes the value and counts it.
+            if watch in _TAKING or not watch.drop(self):
                 return
             if watch.r1 is None:  # empty (see _Watch.empty)
                 _LIVE.discard(watch)

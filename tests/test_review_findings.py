@@ -488,7 +488,7 @@ def _owner_acts(owner_does: str, first: Any, second: Any) -> dict[Any, Any]:
     "take_paused_at",
     [
         "values = dict(self.items())",
-        "d.pop(registry._key, None)",
+        "for registry, value in values.items():",
         "self.more = None",
     ],
     ids=["after its claim", "as it unregisters", "before it empties the watch"],
@@ -560,6 +560,87 @@ def test_the_owner_changing_its_values_waits_for_a_take_from_another_thread(
         assert s.live == 0, (registry, s)
         assert s.created == s.removed + s.reaped, (registry, s)
     # take() copied the value before the clear: it closes it; the clear finds it gone.
+    assert Closable.closed - closed_before == first.stats().created + second.stats().created
+
+
+@pytest.mark.parametrize(
+    "owner_does",
+    ["store a second value", "clear", "clear, then store again", "replace it with set()"],
+)
+@pytest.mark.parametrize(
+    "take_paused_at",
+    ["values = dict(self.items())", "for registry, value in values.items():", "self.more = None"],
+    ids=["after its claim", "as it unregisters", "before it empties the watch"],
+)
+@pytest.mark.parametrize("ordered", [True, False], ids=["GIL", "locks only"])
+def test_the_owner_changing_its_values_while_a_take_in_its_thread_is_switched_out(
+    owner_does: str, take_paused_at: str, ordered: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A greenlet switch inside close_all()'s take() (a GC pass whose finalizer does
+    gevent I/O) lets the owner, in the same thread, past the re-entrant lock: its store,
+    clear or set() is neither lost nor counted twice."""
+    import inspect  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from greenlet import getcurrent  # noqa: PLC0415
+    from greenlet import greenlet as RawGreenlet  # noqa: PLC0415
+
+    from greenscope import _registry  # noqa: PLC0415
+
+    monkeypatch.setattr(_registry, "_ORDERED", ordered)
+    first = greenscope.GreenletRegistry(Closable)
+    second = greenscope.GreenletRegistry(Closable)
+    take = _registry._Watch.take
+    lines, start = inspect.getsourcelines(take)
+    [line] = [start + i for i, text_ in enumerate(lines) if take_paused_at in text_]
+    stored: dict[Any, Any] = {}
+    greenlets: dict[str, Any] = {}
+    holds: list[bool] = []
+
+    def work() -> None:
+        first()
+        taker.switch()  # holds a value: close_all() may start
+        stored.update(_owner_acts(owner_does, first, second))
+        taker.switch()  # back into take(), which goes on from where it was switched out
+        for registry in (first, second):
+            holds.append(
+                registry() is stored[registry] if registry in stored else not registry.has()
+            )
+        # Ends holding what it stored: reaped at its end.
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not take.__code__:
+            return None
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == line and getcurrent() is taker:
+                sys.settrace(None)
+                greenlets["owner"].switch()  # as a finalizer doing gevent I/O would
+            return local
+
+        return local
+
+    def take_all() -> None:
+        greenlets["owner"].switch()  # the owner stores, then comes back here
+        sys.settrace(tracer)
+        try:
+            greenscope.close_all(shutdown=False)
+        finally:
+            sys.settrace(None)
+        greenlets["owner"].switch()  # the owner checks what it holds, then ends
+
+    closed_before = Closable.closed
+    taker = RawGreenlet(take_all)
+    greenlets["owner"] = RawGreenlet(work, taker)  # its end goes back to take_all()
+    taker.switch()
+    assert taker.dead
+    assert greenlets.pop("owner").dead  # freed: a raw greenlet's values are reaped then
+    assert greenscope.wait_reaped(5)
+    assert holds == [True, True]
+    for registry in (first, second):
+        s = registry.stats()
+        assert s.live == 0, (registry, s)
+        assert s.created == s.removed + s.reaped, (registry, s)
     assert Closable.closed - closed_before == first.stats().created + second.stats().created
 
 
