@@ -63,6 +63,8 @@ from typing import Any, Protocol
 
 import greenlet
 
+from greenscope._hot import Flag
+
 __all__ = [
     "CleanupSettings",
     "CloseDeadline",
@@ -650,16 +652,9 @@ _IDLE_EXIT = 5.0
 _thread_reaper = _ThreadReaper()
 
 
-class _Prepared:
-    """``done``: both cleanup threads run; callers skip :func:`prepare` (a Python call)."""
-
-    __slots__ = ("done",)
-
-    def __init__(self) -> None:
-        self.done = False
-
-
-prepared = _Prepared()
+# ``done``: both cleanup threads run; callers skip prepare() (a Python call). A Flag:
+# greenscope._hot's compiled first store reads it as a C field.
+prepared = Flag()
 
 
 def prepare() -> None:

@@ -9,9 +9,12 @@ from typing import TypeVar
 
 _C = TypeVar("_C", bound=type)
 _V = TypeVar("_V")
+_F = TypeVar("_F")
 
 #: Never compiled: this module only exists for the pure-Python fallback.
 compiled = False
+#: The C type names ``_hot`` declares at module level (the rest sit in compiled branches).
+bint = bool
 
 
 def cclass(cls: _C) -> _C:
@@ -22,3 +25,13 @@ def cclass(cls: _C) -> _C:
 def declare(kind: object, value: _V) -> _V:
     """Return ``value`` (Cython would declare a C variable of type ``kind``)."""
     return value
+
+
+def cfunc(func: _F) -> _F:
+    """Leave the function as written (Cython would make it a C function)."""
+    return func
+
+
+def ccall(func: _F) -> _F:
+    """Leave the function as written (Cython would make it callable from C and Python)."""
+    return func

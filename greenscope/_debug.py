@@ -29,11 +29,14 @@ from greenlet import greenlet as RawGreenlet
 from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState, Session
 
+from greenscope._hot import Flag
+
 __all__ = ["set_debug"]
 
 _OWNER = "greenscope.owner"
 
 active = False  # read by the registry's slow path (a new value) only
+debugging = Flag()  # the same, for greenscope._hot's compiled paths (which then step aside)
 
 
 def set_debug(enabled: bool = True) -> bool:
@@ -48,6 +51,7 @@ def set_debug(enabled: bool = True) -> bool:
     """
     global active  # one process-wide switch, read on the slow path only
     previous, active = active, bool(enabled)
+    debugging.done = active
     for name, listener in _LISTENERS.items():
         if active and not event.contains(Session, name, listener):
             event.listen(Session, name, listener)

@@ -1,8 +1,20 @@
 # Typing for _hot.py, which stays untyped so that Cython compiles it as plain Python
 # objects (annotations in a cclass would declare C fields).
+import weakref
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["RegistryHit", "ScopedHit", "compiled"]
+__all__ = [
+    "Flag",
+    "RegistryHit",
+    "ScopedHit",
+    "Watch",
+    "bind",
+    "compiled",
+    "forget",
+    "new_watch",
+    "on_completion",
+]
 
 compiled: bool
 
@@ -13,3 +25,41 @@ class RegistryHit:
 class ScopedHit:
     _greenscope_key: str | None
     def __call__(self, **kw: Any) -> Any: ...
+    def remove(self) -> None: ...
+
+class Flag:
+    done: bool
+
+class Watch:
+    ref: weakref.ref[Any]
+    r1: Any
+    v1: Any
+    more: Any
+    gtype: Any
+    hub: Any
+    how: Any
+    name: Any
+    gid: int
+    thread: int
+    main: bool
+    rawlinked: bool
+    def __call__(self, ref: weakref.ref[Any]) -> None: ...
+
+def bind(
+    *,
+    live: set[Any],
+    watch_type: type[Watch],
+    registry_type: type,
+    session_type: type,
+    invalidate_opened: Callable[[Any], None],
+    gevent_greenlet: type | None,
+    get_hub: Callable[[], Any] | None,
+    get_ident: Callable[[], int],
+    prepared: Flag,
+    debugging: Flag,
+    watch_key: str,
+    ordered: Flag,
+) -> None: ...
+def new_watch(g: Any) -> Any: ...
+def on_completion(g: Any) -> None: ...
+def forget(registry: Any, d: dict[str, Any]) -> None: ...

@@ -4,17 +4,19 @@ The data structure, for one greenlet ``g`` with values in two registries R1 and 
 
     g.__dict__ ──"greenscope:R1"──> value1        (the hit path reads only this)
                ──"greenscope:R2"──> value2
-               ──"greenscope:watch"──> _Watch ┄┄weak┄┄> g   (callback _owner_freed)
+               ──"greenscope:watch"──> _Watch ──ref──> weakref ┄┄> g   (callback: the watch)
                                           ├─r1, v1──> R1, value1       (strong: the first)
                                           └─more───> {R2: value2}      (strong: any others)
     _LIVE: {watch, ...}             only while the watch holds a value
     R1._live: int                   how many watches hold a value of R1
 
-The watch *is* the weakref to its greenlet (a ``weakref.ref`` subclass with slots): the
-callback receives it, so no back pointer and no cycle is needed, and a greenlet costs one
-object of greenscope's, not two. Most greenlets use one registry: its pair sits in two
-slots of the watch, and a dict is made only for a second registry (memory per live
-entry, and the instructions a greenlet's watch costs: benchmarks/).
+The watch's fields are those of :class:`greenscope._hot.Watch`, an extension type where
+compiled: the per-greenlet paths (the first store, ``clear()``, ``remove()``, the
+completion callback) run there in C and read its fields directly (the instructions a
+greenlet costs: benchmarks/). Its weakref's callback is the watch itself, which needs
+no back pointer; the cycle it makes is broken once the callback has run. Most greenlets
+use one registry: its pair sits in two fields of the watch, and a dict is made only for
+a second registry (memory per live entry).
 
 Invariants:
 
@@ -79,7 +81,7 @@ from greenlet import greenlet as RawGreenlet
 from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
-from greenscope import _cleanup, _debug, _engines, _guard, _pool  # noqa: F401 - _pool listens
+from greenscope import _cleanup, _debug, _engines, _guard, _hot, _pool  # noqa: F401 - _pool listens
 from greenscope._hot import RegistryHit
 from greenscope._log import RateLimited
 
@@ -131,7 +133,10 @@ _TAKING: set[_Watch] = set()
 _values_lock = _cleanup.allocate_rlock()
 # Whether bytecodes run one at a time, which the ordered changes rely on. A free-threaded
 # build may enable its GIL later (for an extension), never disable it once enabled.
-_ORDERED = getattr(sys, "_is_gil_enabled", lambda: True)()
+# Read as ``_ORDERED.done`` here and in greenscope._hot (tests turn it off to run the
+# lock-only paths a free-threaded build takes).
+_ORDERED = _hot.Flag()
+_ORDERED.done = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class _Shutdown:
@@ -210,35 +215,21 @@ def _describe(kind: str, gid: int, name: str | None = None) -> str:
     return f"{label} at {gid:#x}"
 
 
-class _Watch(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
+class _Watch(_hot.Watch):
     """What greenscope holds for one greenlet, shared by every registry (see above).
 
-    A weakref to the greenlet whose callback is :func:`_owner_freed`. Made by
-    :func:`_new_watch` without an ``__init__`` of its own (a Python frame per
-    greenlet is a measurable part of a greenlet's cost): every slot but ``name`` and
-    ``how`` (set when the greenlet completes) is assigned there. Hashed and compared by
-    identity, not by its greenlet as a plain weakref would be: ``_LIVE`` must find a
-    watch whose greenlet is gone.
+    The fields are :class:`greenscope._hot.Watch`'s; this adds the logic. Made by
+    :func:`greenscope._hot.new_watch` (a gevent.Greenlet's) or :func:`_new_watch` (any
+    other greenlet's), without an ``__init__`` (a Python frame per greenlet is a
+    measurable part of a greenlet's cost): every field is assigned there, ``name`` and
+    ``how`` to None until the greenlet completes. Hashed and compared by identity:
+    ``_LIVE`` must find a watch whose greenlet is gone. Called (by its weakref, with
+    it) when the greenlet is freed.
     """
 
-    __slots__ = (
-        "gid",
-        "gtype",
-        "how",
-        "hub",
-        "main",
-        "more",
-        "name",
-        "r1",
-        "rawlinked",
-        "thread",
-        "v1",
-    )
+    __slots__ = ()
 
-    __hash__ = object.__hash__
-    __eq__ = object.__eq__
-    __ne__ = object.__ne__
-
+    ref: weakref.ref[Any]  # to the greenlet; its callback is this watch
     r1: GreenletRegistry[Any] | None  # the first registry's value...
     v1: Any
     more: dict[GreenletRegistry[Any], Any] | None  # ...and the others'
@@ -247,7 +238,7 @@ class _Watch(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
     gtype: type
     gid: int
     name: str | None
-    how: str
+    how: str | None
     main: bool  # a thread's main greenlet: freed after its thread ends
     # Where cleanup must run: the owner's thread, in its hub's greenlets if it has one
     # by then (submit() looks again, since a hub may be created after this).
@@ -260,9 +251,8 @@ class _Watch(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
         """The greenlet, for log lines: "Greenlet 'Greenlet-3' at 0x... (killed)"."""
         if self.main:
             return f"the main greenlet of thread {self.thread:#x}"
-        name = getattr(self, "name", None)  # both unset until the greenlet completes
-        how = getattr(self, "how", "")
-        return _describe(self.gtype.__qualname__, self.gid, name) + how
+        # Both None until the greenlet completes.
+        return _describe(self.gtype.__qualname__, self.gid, self.name) + (self.how or "")
 
     # -- the values: one registry in slots, more in a dict --------------------------------
 
@@ -346,7 +336,7 @@ class _Watch(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
             # _TAKING and leave it alone (see _create and _forget).
             _TAKING.add(self)
             values = dict(self.items())
-            g = self()
+            g = self.ref()
             d = g.__dict__ if g is not None else {}
             for registry, value in values.items():
                 registry._live -= 1
@@ -373,19 +363,8 @@ class _Watch(weakref.ref):  # type: ignore[type-arg]  # of a greenlet
             _cleanup.submit(_Reap(registry, value, self, True), owner_thread, hub)
 
 
-def _on_completion(g: Any) -> None:
-    # gevent's rawlink, at a Greenlet's completion, in the hub (see _Watch._completed).
-    # Most greenlets removed their values already: that case is tested here, inline.
-    watch: _Watch | None = g.__dict__.get(_WATCH_KEY)
-    if watch is not None and watch.r1 is not None:  # not empty
-        watch._completed(g)
-
-
-def _owner_freed(watch: _Watch) -> None:
-    # Wherever the greenlet was freed: the hub, a GC pass, another thread. A watch that
-    # holds nothing (most: their values were removed) is not in _LIVE.
-    if watch in _LIVE:
-        watch.detach()
+# gevent's rawlink, at a Greenlet's completion, in the hub (see _Watch._completed).
+_on_completion = _hot.on_completion
 
 
 def _hub_ref(hub: Any) -> weakref.ref[Any]:
@@ -402,6 +381,9 @@ _last_hub_ref: weakref.ref[Any] | None = None
 
 def _new_watch(g: RawGreenlet) -> _Watch:
     """A watch for ``g``, the current greenlet, which has none yet."""
+    found: _Watch | None = _hot.new_watch(g)  # a gevent.Greenlet in its thread's hub
+    if found is not None:
+        return found
     hub = _get_hub_if_exists() if _get_hub_if_exists is not None else None
     if g is hub:  # never true later: the hub gets no watch
         raise RuntimeError(
@@ -409,8 +391,9 @@ def _new_watch(g: RawGreenlet) -> _Watch:
             "the Session would never be cleaned up) and cannot block (so it cannot "
             "do I/O). Do database work in a greenlet, e.g. gevent.spawn(func)."
         )
-    watch = _Watch(g, _owner_freed)
-    watch.r1 = watch.v1 = watch.more = None
+    watch = _Watch()
+    watch.ref = weakref.ref(g, watch)
+    watch.r1 = watch.v1 = watch.more = watch.how = watch.name = None
     watch.gtype = type(g)
     watch.gid = id(g)
     watch.thread = _get_ident()
@@ -766,7 +749,7 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
             watch = d[_WATCH_KEY] = _new_watch(g)
         if _debug.active:
             _debug.tag(value, g)
-        if watch.r1 is None and _ORDERED:
+        if watch.r1 is None and _ORDERED.done:
             # The usual case, inline and without the lock: the watch's first value. Empty,
             # the watch is unlisted and no take() is emptying it (see the module's
             # docstring); listed last, a take() elsewhere sees all of this or none of it.
@@ -814,29 +797,15 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
 
     def clear(self) -> None:
         """Forget the current greenlet's value, if any, without closing it."""
-        self._forget(getcurrent().__dict__)
+        _hot.forget(self, getcurrent().__dict__)  # the inline case compiled, see there
 
     def _forget(self, d: dict[str, Any]) -> None:
         """clear(), given the current greenlet's dict (scoped_session.remove has it)."""
-        # Kept (a local) until this returns: freed under the lock, its finalizers would
-        # run there.
-        value = d.pop(self._key, _MISSING)
-        if value is _MISSING:
-            return
-        watch: _Watch | None = d.get(_WATCH_KEY)
-        if watch is None:
-            return
-        # The watch holds every stored value; if it no longer holds this one, a take()
-        # elsewhere (close_all) got it first, and counts it as it closes it.
-        if watch.r1 is self and not watch.more and _ORDERED:  # its only value: inline
-            try:
-                _LIVE.remove(watch)  # the claim, without the lock: take() claims so too
-            except KeyError:
-                return
-            watch.r1 = watch.v1 = None
-            self._removed += 1
-            self._live -= 1
-            return
+        _hot.forget(self, d)
+
+    def _forget_locked(self, watch: _Watch) -> None:
+        """What clear() does under the lock: the watch holds another value too, or this
+        is a free-threaded build (greenscope._hot.forget did the rest)."""
         with _values_lock:
             # Being taken (a take() switched out in this thread, see _Watch.take): the
             # take() closes the value and counts it.
@@ -912,6 +881,21 @@ GreenletRegistry.__new__.__signature__ = inspect.signature(  # type: ignore[attr
 )
 
 os.register_at_fork(after_in_child=_forget_inherited)
+
+_hot.bind(
+    live=_LIVE,
+    watch_type=_Watch,
+    registry_type=GreenletRegistry,
+    session_type=Session,
+    invalidate_opened=_invalidate_opened,
+    gevent_greenlet=_GeventGreenlet,
+    get_hub=_get_hub_if_exists,
+    get_ident=_get_ident,
+    prepared=_cleanup.prepared,
+    debugging=_debug.debugging,
+    watch_key=_WATCH_KEY,
+    ordered=_ORDERED,
+)
 
 
 def _at_exit() -> None:
@@ -1002,7 +986,7 @@ def _death_pending() -> bool:
             if watch.thread not in threads:
                 return True
         elif watch.rawlinked:
-            g = watch()
+            g = watch.ref()
             if g is not None and g.dead:
                 return True
     return False
@@ -1062,7 +1046,7 @@ def close_all(*, include_running: bool = True, shutdown: bool = True) -> int:
     total = 0
     me_greenlet = getcurrent()
     for watch in list(_LIVE):
-        g = watch()
+        g = watch.ref()
         if not include_running and g is not None and not g.dead and g is not me_greenlet:
             continue
         for registry, value in watch.take().items():

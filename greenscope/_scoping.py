@@ -145,15 +145,12 @@ class scoped_session(ScopedHit, _sa_scoped_session[_S]):
             )
         self.session_factory.configure(**kwargs)
 
-    def remove(self) -> None:
-        """Close the current greenlet's ``Session``, if any, then forget it.
+    # ScopedHit's: the usual case (greenscope's registry, a Session) compiled where
+    # possible (greenscope/_hot.py), everything else in _greenscope_remove, with the
+    # same semantics. Named here too, so the API docs list it.
+    remove = ScopedHit.remove
 
-        The transaction is rolled back and the connection returned to the pool. The
-        ``Session`` is forgotten even if ``close()`` raises (the error propagates), so
-        the next call makes a fresh one, and its connections are then invalidated, so
-        none stays checked out until garbage collection. SQLAlchemy's own ``remove()``
-        has no ``try/finally`` and would hand out the half-closed ``Session`` again.
-        """
+    def _greenscope_remove(self) -> None:
         registry = self.registry
         if isinstance(registry, GreenletRegistry):
             # One lookup in the greenlet's dict instead of has(), registry() and clear().
