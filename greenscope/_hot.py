@@ -57,7 +57,11 @@ from weakref import ref as _weakref
 
 from greenlet import getcurrent
 
+if cython.compiled:  # the C API's own: no type call (compiled, this import is a cimport)
+    from cython.cimports.cpython.weakref import PyWeakref_NewRef
+
 __all__ = [
+    "Counts",
     "Flag",
     "RegistryHit",
     "ScopedHit",
@@ -92,16 +96,21 @@ class RegistryHit:
             found = g.__dict__
             if type(found) is dict:
                 d: dict = found  # type: ignore[type-arg]
-                value = d.get(self._key, _MISSING)
+                key = self._key
+                value = d.get(key, _MISSING)
                 if value is _MISSING:
-                    return _first(self, g, d)
+                    return _first(self, g, d, key)
                 return value
+            try:
+                return found[self._key]
+            except KeyError:
+                return self._create()  # _first() takes exact dicts only, compiled
         # Python: d[key] is cheaper than a d.get() call on every hit; a miss pays.
         g = getcurrent()
         try:
             return g.__dict__[self._key]
         except KeyError:
-            return _first(self, g, g.__dict__)
+            return _first(self, g, g.__dict__, self._key)
 
 
 @cython.cclass
@@ -137,13 +146,15 @@ class ScopedHit:
         has no ``try/finally`` and would hand out the half-closed ``Session`` again.
         """
         registry = self.registry
-        d = getcurrent().__dict__
+        found = getcurrent().__dict__
         # The usual case here: a GreenletRegistry of greenscope's own and a Session.
         # Anything else (another registry, a subclass's clear(), debug mode, a value
         # that is not a Session) is _greenscope_remove()'s, with the same semantics.
-        if type(registry) is not _registry_type or _debugging.done or type(d) is not dict:
+        if type(registry) is not _registry_type or _debugging.done or type(found) is not dict:
             return self._greenscope_remove()
-        value = d.get(registry._key, _MISSING)
+        d: dict = found  # type: ignore[type-arg]
+        key = registry._key
+        value = d.get(key, _MISSING)
         if value is _MISSING:
             return None
         if not isinstance(value, _session_type):
@@ -158,10 +169,10 @@ class ScopedHit:
                 _invalidate_opened(tx)
                 raise
         except BaseException:
-            registry._failed += 1
+            cython.cast(Counts, registry._counts).failed += 1
             raise
         finally:
-            forget(registry, d)
+            _forget(registry, d, key)
         return None
 
 
@@ -176,6 +187,39 @@ class Flag:
 
     def __init__(self) -> None:
         self.done = False
+
+
+@cython.cclass
+class Counts:
+    """A GreenletRegistry's counters (see greenscope.RegistryStats; ``live``: watches
+    holding one of its values) and whether close_all() shut it down: C fields compiled,
+    which greenscope._hot's paths change without the generic attribute protocol."""
+
+    if cython.compiled:
+        shut_down = cython.declare(cython.bint, visibility="public")
+        live = cython.declare(cython.Py_ssize_t, visibility="public")
+        created = cython.declare(cython.Py_ssize_t, visibility="public")
+        removed = cython.declare(cython.Py_ssize_t, visibility="public")
+        reaped = cython.declare(cython.Py_ssize_t, visibility="public")
+        failed = cython.declare(cython.Py_ssize_t, visibility="public")
+        timed_out = cython.declare(cython.Py_ssize_t, visibility="public")
+    else:
+        __slots__ = ("created", "failed", "live", "reaped", "removed", "shut_down", "timed_out")
+
+    def __init__(self, shut_down: bool = False) -> None:
+        self.shut_down = shut_down
+        self.live = self.created = self.removed = self.reaped = self.failed = 0
+        self.timed_out = 0
+
+    def __copy__(self):  # type: ignore[no-untyped-def]
+        # copy.copy() and deepcopy() of a registry (an extension type has no pickling)
+        other = Counts(self.shut_down)
+        other.live, other.created, other.removed = self.live, self.created, self.removed
+        other.reaped, other.failed, other.timed_out = self.reaped, self.failed, self.timed_out
+        return other
+
+    def __deepcopy__(self, memo):  # type: ignore[no-untyped-def]
+        return self.__copy__()
 
 
 @cython.cclass
@@ -279,7 +323,7 @@ def bind(  # type: ignore[no-untyped-def]
 
 
 @cython.cfunc
-def _first(registry, g, d):  # type: ignore[no-untyped-def]
+def _first(registry, g, d: dict, key):  # type: ignore[no-untyped-def,type-arg]
     """The miss of ``registry()``: GreenletRegistry._create()'s usual case, a
     gevent.Greenlet's first value with no other registry's in its watch.
 
@@ -288,10 +332,10 @@ def _first(registry, g, d):  # type: ignore[no-untyped-def]
     so a take() elsewhere sees all of this or none of it. Everything else is
     _create()'s.
     """
-    if not _ordered.done or registry._shut_down or not _prepared.done or _debugging.done:
+    n: Counts = registry._counts
+    if not _ordered.done or n.shut_down or not _prepared.done or _debugging.done:
         return registry._create()
     value = registry.createfunc()
-    key = registry._key
     if key in d:  # createfunc itself used the registry
         return d[key]
     watch: Watch = d.get(_watch_key)
@@ -305,9 +349,9 @@ def _first(registry, g, d):  # type: ignore[no-untyped-def]
     d[key] = value
     watch.r1 = registry
     watch.v1 = value
-    registry._live += 1
+    n.live += 1
     _live.add(watch)  # last (see above)
-    registry._created += 1
+    n.created += 1
     return value
 
 
@@ -326,7 +370,7 @@ def new_watch(g):  # type: ignore[no-untyped-def]
             return None
         last = _last_hub = (_weakref(hub), _get_ident())
     watch: Watch = _watch_type()
-    watch.ref = _weakref(g, watch)
+    watch.ref = PyWeakref_NewRef(g, watch) if cython.compiled else _weakref(g, watch)
     watch.gtype = type(g)
     if cython.compiled:
         watch.gid = cython.cast(cython.size_t, cython.cast(cython.p_void, g))
@@ -347,7 +391,10 @@ def on_completion(g):  # type: ignore[no-untyped-def]
     """gevent's rawlink callback at a Greenlet's completion, in the hub: no I/O.
 
     Most greenlets removed their values already: that case is tested here."""
-    watch: Watch = g.__dict__.get(_watch_key)
+    found = g.__dict__
+    watch: Watch = (
+        cython.cast(dict, found).get(_watch_key) if type(found) is dict else found.get(_watch_key)
+    )
     if watch is not None and watch.r1 is not None:  # not empty
         watch._completed(g)
 
@@ -358,15 +405,23 @@ def forget(registry, d):  # type: ignore[no-untyped-def]
     The clear of a watch's only value, inline and without the lock (the ordered change:
     removing the watch from _LIVE claims it, as take() does); any other goes to
     ``registry._forget_locked()``."""
-    key = registry._key
+    _forget(registry, d, registry._key)
+
+
+@cython.cfunc
+def _forget(registry, d, key):  # type: ignore[no-untyped-def]
     # Kept (a local) until this returns: freed under the lock, its finalizers would run
     # there.
-    value = d.pop(key, _MISSING)
-    if value is _MISSING:
+    if type(d) is dict:  # the greenlet's own: typed, one C call each
+        exact: dict = d  # type: ignore[type-arg]
+        value = exact.pop(key, _MISSING)
+        found = exact.get(_watch_key) if value is not _MISSING else None
+    else:  # a dict subclass assigned to the greenlet's __dict__: its own methods
+        value = d.pop(key, _MISSING)
+        found = d.get(_watch_key) if value is not _MISSING else None
+    if found is None:
         return
-    watch: Watch = d.get(_watch_key)
-    if watch is None:
-        return
+    watch: Watch = found
     # The watch holds every stored value; if it no longer holds this one, a take()
     # elsewhere (close_all) got it first, and counts it as it closes it.
     if _ordered.done and watch.r1 is registry and not watch.more:  # its only value: inline
@@ -376,7 +431,8 @@ def forget(registry, d):  # type: ignore[no-untyped-def]
             return
         watch.r1 = None
         watch.v1 = None
-        registry._removed += 1
-        registry._live -= 1
+        n: Counts = registry._counts
+        n.removed += 1
+        n.live -= 1
         return
     registry._forget_locked(watch)

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
+    "Counts",
     "Flag",
     "RegistryHit",
     "ScopedHit",
@@ -29,6 +30,16 @@ class ScopedHit:
 
 class Flag:
     done: bool
+
+class Counts:
+    shut_down: bool
+    live: int
+    created: int
+    removed: int
+    reaped: int
+    failed: int
+    timed_out: int
+    def __init__(self, shut_down: bool = False) -> None: ...
 
 class Watch:
     ref: weakref.ref[Any]

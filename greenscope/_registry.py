@@ -8,7 +8,7 @@ The data structure, for one greenlet ``g`` with values in two registries R1 and 
                                           ├─r1, v1──> R1, value1       (strong: the first)
                                           └─more───> {R2: value2}      (strong: any others)
     _LIVE: {watch, ...}             only while the watch holds a value
-    R1._live: int                   how many watches hold a value of R1
+    R1._counts.live: int            how many watches hold a value of R1
 
 The watch's fields are those of :class:`greenscope._hot.Watch`, an extension type where
 compiled: the per-greenlet paths (the first store, ``clear()``, ``remove()``, the
@@ -339,7 +339,7 @@ class _Watch(_hot.Watch):
             g = self.ref()
             d = g.__dict__ if g is not None else {}
             for registry, value in values.items():
-                registry._live -= 1
+                registry._counts.live -= 1
                 if d.get(registry._key, _MISSING) is value:  # not one stored since
                     del d[registry._key]
             # Emptied last, r1 after the rest: an owner that finds r1 None stores without
@@ -480,14 +480,14 @@ class _Reap:
             self.done = True
             _cleanup.release(self.claims)
             if self.orphan:
-                registry._reaped += 1
+                registry._counts.reaped += 1
             else:
-                registry._removed += 1
+                registry._counts.removed += 1
 
     def cut(self) -> None:
         """The close passed its deadline (the watchdog thread): cut its connections."""
         registry = self.registry
-        registry._timed_out += 1
+        registry._counts.timed_out += 1
         cut = _cleanup.cut_claimed(self.claims)
         what = (
             f"shut down {cut} connection socket(s) from outside, so the close fails and "
@@ -514,7 +514,7 @@ def _close_counted(
     try:
         registry._close_one(value, orphan)
     except BaseException as exc:
-        registry._failed += 1
+        registry._counts.failed += 1
         logger.error(
             "greenscope: closing %s %s failed; its connections were invalidated and it "
             "was dropped",
@@ -666,14 +666,8 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
     __slots__ = (
         "__weakref__",
         "_close",
-        "_created",
-        "_failed",
+        "_counts",
         "_key",
-        "_live",
-        "_reaped",
-        "_removed",
-        "_shut_down",
-        "_timed_out",
         "request_scoped",
     )
 
@@ -694,9 +688,9 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
         self.scopefunc = getcurrent
         self._close = close
         self._key = f"greenscope:{next(_keys)}"
-        self._live = 0  # watches holding a value of this registry
-        self._created = self._removed = self._reaped = self._failed = self._timed_out = 0
-        self._shut_down = _shutdown.active  # close_all() shut greenscope down already
+        # The counters (live: watches holding a value of this registry) and whether
+        # close_all() shut greenscope down already: C fields, for greenscope._hot.
+        self._counts = _hot.Counts(_shutdown.active)
         self.request_scoped = True
         _REGISTRIES.add(self)
         for engine in _engines.engines_of(createfunc):  # the engine guard, by default
@@ -735,7 +729,7 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
         """
         creating = value is _MISSING
         if creating:
-            if self._shut_down:
+            if self._counts.shut_down:
                 self._check_open()  # raises
             value = self.createfunc()  # first: if it raises, nothing is registered
         g = getcurrent()
@@ -755,7 +749,7 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
             # docstring); listed last, a take() elsewhere sees all of this or none of it.
             d[self._key] = value
             watch.r1, watch.v1 = self, value
-            self._live += 1
+            self._counts.live += 1
             _LIVE.add(watch)
         else:
             # A value replaced here (set()) is kept until the lock is released: freed
@@ -768,11 +762,11 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
                     watch = d[_WATCH_KEY] = _new_watch(g)
                 d[self._key] = value
                 if watch.put(self, value):
-                    self._live += 1
+                    self._counts.live += 1
                 elif not creating:  # set() replaced this registry's value: it is removed
-                    self._removed += 1
+                    self._counts.removed += 1
                 _LIVE.add(watch)
-        self._created += 1
+        self._counts.created += 1
         return value  # type: ignore[no-any-return]
 
     def set(self, obj: _T) -> None:
@@ -785,7 +779,7 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
         close_or_release(value, self._close)
 
     def _check_open(self) -> None:
-        if self._shut_down:
+        if self._counts.shut_down:
             raise RuntimeError(
                 "greenscope: a new Session was asked for after greenscope.close_all() shut "
                 "greenscope down (worker or process exit; this registry makes "
@@ -813,25 +807,25 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
                 return
             if watch.r1 is None:  # empty (see _Watch.empty)
                 _LIVE.discard(watch)
-            self._removed += 1
-            self._live -= 1
+            self._counts.removed += 1
+            self._counts.live -= 1
 
     @property
     def shut_down(self) -> bool:
         """True once :func:`close_all` shut this registry down: it makes no new values."""
-        return self._shut_down
+        return self._counts.shut_down
 
     # -- observability ------------------------------------------------------------------
 
     def stats(self) -> RegistryStats:
         """This registry's counters; see :class:`RegistryStats`."""
         return RegistryStats(
-            self._created,
-            self._removed,
-            self._reaped,
-            self._failed,
-            self._live,
-            self._timed_out,
+            self._counts.created,
+            self._counts.removed,
+            self._counts.reaped,
+            self._counts.failed,
+            self._counts.live,
+            self._counts.timed_out,
         )
 
     def __repr__(self) -> str:
@@ -870,7 +864,7 @@ def _forget_inherited() -> None:
     for watch in list(_LIVE):
         values = watch.take()
         for registry in values:
-            registry._removed += 1
+            registry._counts.removed += 1
         kept.extend(values.values())
     _cleanup.pin_forever(kept)
 
@@ -1040,7 +1034,7 @@ def close_all(*, include_running: bool = True, shutdown: bool = True) -> int:
     if shutdown:
         _shutdown.active = True
         for registry in registries():
-            registry._shut_down = True
+            registry._counts.shut_down = True
     me = _cleanup.get_ident()
     jobs: list[_Reap] = []
     total = 0

@@ -161,7 +161,7 @@ class scoped_session(ScopedHit, _sa_scoped_session[_S]):
             try:
                 close_or_release(value)
             except BaseException:
-                registry._failed += 1
+                registry._counts.failed += 1
                 raise
             finally:
                 if type(registry).clear is _CLEAR:
