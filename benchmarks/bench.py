@@ -899,6 +899,16 @@ def report_instructions(
         f"{100 * worst_runs[1]['spread_across_runs']:.4f}% ({worst_runs[0]}), between pairs "
         f"in one run {100 * worst_in[1]['spread_in_process']:.4f}% ({worst_in[0]}).\n"
     )
+    floor = rows.get(instructions.FLOOR)
+    stock = rows.get("lifecycle: sqlalchemy + try/finally remove()")
+    if floor is not None and stock is not None:
+        out.append(
+            f"Floor of automatic cleanup (a reference, not a target: HandOffFloor in "
+            f"benchmarks/instructions.py, SQLAlchemy's registry plus a completion link and "
+            f"the close handed out of the hub, with none of greenscope's guarantees): "
+            f"{floor['net']:,.0f} instructions per greenlet, stock + remove() at "
+            f"{stock['net'] / floor['net']:.3f}x of its throughput.\n"
+        )
     prof = []
     for name, funcs in instr.get("profiles", {}).items():
         for fn, ir in funcs[:6]:
