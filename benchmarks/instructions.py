@@ -303,7 +303,7 @@ class HandOffFloor:
         import gevent.queue  # noqa: PLC0415 - only here
 
         self.scoped = sa_scoped_session(factory, scopefunc=getcurrent)
-        self.sessions: dict[Any, Any] = self.scoped.registry.registry  # type: ignore[attr-defined]
+        self.sessions: dict[Any, Any] = self.scoped.registry.registry
         self.queue: gevent.queue.JoinableQueue[Callable[[], None]] = gevent.queue.JoinableQueue()
         self.closer: gevent.Greenlet | None = None
         self.finished = self._finished  # one bound method for every greenlet's link
@@ -312,7 +312,8 @@ class HandOffFloor:
         if self.closer is None:  # inside the first region, as the hub is
             self.closer = gevent.spawn(self._close_loop)
         self.scoped.is_active  # noqa: B018 - the use of the Session is the point
-        getcurrent().rawlink(self.finished)
+        current: Any = getcurrent()  # a gevent.Greenlet (spawned)
+        current.rawlink(self.finished)
 
     def _finished(self, g: Any) -> None:  # in the hub: no I/O
         session = self.sessions.pop(g, None)
