@@ -363,12 +363,16 @@ def new_watch(g):  # type: ignore[no-untyped-def]
     if _gevent_greenlet is None or not isinstance(g, _gevent_greenlet):
         return None
     hub = g.parent  # a gevent.Greenlet runs in its thread's hub: never a main greenlet
-    last = _last_hub
+    # The cache is a C global: only with the GIL (_ordered) is replacing it safe, where
+    # a free-threaded build could release the old tuple twice from two threads at once.
+    last = _last_hub if _ordered.done else (None, 0)
     ref = last[0]
     if ref is None or ref() is not hub:
         if hub is None or hub is not _get_hub():
             return None
-        last = _last_hub = (_weakref(hub), _get_ident())
+        last = (_weakref(hub), _get_ident())
+        if _ordered.done:
+            _last_hub = last
     watch: Watch = _watch_type()
     watch.ref = PyWeakref_NewRef(g, watch) if cython.compiled else _weakref(g, watch)
     watch.gtype = type(g)
