@@ -325,13 +325,16 @@ def bind(  # type: ignore[no-untyped-def]
 @cython.cfunc
 def _first(registry, g, d: dict, key):  # type: ignore[no-untyped-def,type-arg]
     """The miss of ``registry()``: GreenletRegistry._create()'s usual case, a
-    gevent.Greenlet's first value with no other registry's in its watch.
+    gevent.Greenlet's first value with no other registry's in its watch, in a
+    GreenletRegistry itself (a subclass may override _create()).
 
     The same steps in the same order as _create(): the value is made first (if
     createfunc raises, nothing is registered), and the watch is listed in _LIVE last,
     so a take() elsewhere sees all of this or none of it. Everything else is
     _create()'s.
     """
+    if type(registry) is not _registry_type:  # a subclass: its own _create()
+        return registry._create()
     n: Counts = registry._counts
     if not _ordered.done or n.shut_down or not _prepared.done or _debugging.done:
         return registry._create()

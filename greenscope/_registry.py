@@ -53,10 +53,12 @@ callback takes that greenlet's watch), so it does not keep out a greenlet of the
 thread that runs while a take() is switched out (a finalizer doing gevent I/O in that
 GC pass, in ``close_all()``'s greenlet): a take() lists its watch in ``_TAKING``, and
 the owner's locked changes leave a watch found there alone (a store goes into a new
-watch; a clear leaves the value to the take(), which closes and counts it). So a value
-stored, replaced or cleared while ``close_all()`` takes the greenlet's others, from
-another thread or from a greenlet switch inside the take(), is neither lost nor
-counted twice. On a free-threaded build the lock is always taken. The hit path reads
+watch; a clear leaves the value to the take(), which closes and counts it); the other
+way round, the owner's locked changes list the watch in ``_CHANGING``, and a take()
+that finds it there leaves it alone (its values stay the owner's, reaped at its end).
+So a value stored, replaced or cleared while ``close_all()`` takes the greenlet's
+others, from another thread or from a greenlet switch inside either, is neither lost
+nor counted twice. On a free-threaded build the lock is always taken. The hit path reads
 the greenlet's own dict and takes no lock. Not prevented: ``close_all()`` closing a
 running greenlet's Session while its owner closes it too (``include_running=False``
 leaves running greenlets alone). The other counters are exact on GIL builds,
@@ -120,8 +122,11 @@ _REGISTRIES: weakref.WeakSet[GreenletRegistry[Any]] = weakref.WeakSet()
 # Watches holding at least one value (alive while listed). A set of the watches
 # themselves: keyed by id() of their weakref, each entry also held an int.
 _LIVE: set[_Watch] = set()
-# Watches a take() is emptying, under _values_lock (see _Watch.take).
+# Watches a take() is emptying, and watches whose owner is changing them, both under
+# _values_lock: the lock is re-entrant, so these keep the two apart when a greenlet
+# switch inside one lets the other in, in the same thread (see the module's docstring).
 _TAKING: set[_Watch] = set()
+_CHANGING: set[_Watch] = set()
 
 # Held by take() and by a greenlet's own changes to its values but the two ordered ones
 # (see the module's docstring; an acquire and release cost about 1,000 instructions,
@@ -326,6 +331,11 @@ class _Watch(_hot.Watch):
         lock = _values_lock  # against the owner storing or clearing meanwhile
         lock.acquire()  # not ``with``: an orphan's path, and ``with`` costs twice as much
         try:
+            if self in _CHANGING:
+                # Its owner is changing it under this lock, switched out in this thread
+                # (a finalizer's gevent I/O, see the module's docstring): its values stay
+                # its own, closed when it ends, or by a later close_all().
+                return {}
             try:
                 _LIVE.remove(self)  # the claim: the owner's clear claims it the same way
             except KeyError:
@@ -752,22 +762,35 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
             self._counts.live += 1
             _LIVE.add(watch)
         else:
-            # A value replaced here (set()) is kept until the lock is released: freed
-            # inside, its finalizers would run under the lock.
-            replaced = d.get(self._key)  # noqa: F841
-            with _values_lock:  # a take() elsewhere (close_all) sees all of this or none
-                if watch in _TAKING:  # re-entered inside a take() of this greenlet's watch
-                    # That take() empties the watch when it resumes: what is stored now
-                    # goes into a new one, which the greenlet's end reaps as usual.
-                    watch = d[_WATCH_KEY] = _new_watch(g)
+            self._store_locked(g, d, watch, value, creating)
+        self._counts.created += 1
+        return value  # type: ignore[no-any-return]
+
+    def _store_locked(
+        self, g: RawGreenlet, d: dict[str, Any], watch: _Watch, value: Any, creating: bool
+    ) -> None:
+        """_create()'s store under the lock: a take() elsewhere (close_all) sees all of
+        it or none."""
+        # A value replaced here (set()) is kept until the lock is released: freed inside,
+        # its finalizers would run under the lock.
+        replaced = d.get(self._key)  # noqa: F841
+        with _values_lock:
+            if watch in _TAKING:  # re-entered inside a take() of this greenlet's watch
+                # That take() empties the watch when it resumes: what is stored now goes
+                # into a new one, which the greenlet's end reaps as usual.
+                watch = d[_WATCH_KEY] = _new_watch(g)
+            nested = watch in _CHANGING  # a finalizer of this greenlet changing it too
+            _CHANGING.add(watch)  # a take() switched in meanwhile leaves it alone
+            try:
                 d[self._key] = value
                 if watch.put(self, value):
                     self._counts.live += 1
                 elif not creating:  # set() replaced this registry's value: it is removed
                     self._counts.removed += 1
                 _LIVE.add(watch)
-        self._counts.created += 1
-        return value  # type: ignore[no-any-return]
+            finally:
+                if not nested:
+                    _CHANGING.discard(watch)
 
     def set(self, obj: _T) -> None:
         """Store ``obj`` for the current greenlet, replacing (not closing) any value."""
@@ -803,12 +826,20 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
         with _values_lock:
             # Being taken (a take() switched out in this thread, see _Watch.take): the
             # take() closes the value and counts it.
-            if watch in _TAKING or not watch.drop(self):
+            if watch in _TAKING:
                 return
-            if watch.r1 is None:  # empty (see _Watch.empty)
-                _LIVE.discard(watch)
-            self._counts.removed += 1
-            self._counts.live -= 1
+            nested = watch in _CHANGING
+            _CHANGING.add(watch)  # see _create
+            try:
+                if not watch.drop(self):
+                    return
+                if watch.r1 is None:  # empty (see _Watch.empty)
+                    _LIVE.discard(watch)
+                self._counts.removed += 1
+                self._counts.live -= 1
+            finally:
+                if not nested:
+                    _CHANGING.discard(watch)
 
     @property
     def shut_down(self) -> bool:
@@ -860,6 +891,12 @@ def _forget_inherited() -> None:
     """
     global _values_lock  # noqa: PLW0603 - a thread that held it at fork() is gone
     _values_lock = _cleanup.allocate_rlock()
+    # A take() or a change in progress in another thread at fork() never finishes here:
+    # what a half-done take() left in its watch is listed again, to be kept below (what
+    # it had copied out stays referenced by that thread's frames, never freed).
+    _LIVE.update(w for w in _TAKING if not w.empty())
+    _TAKING.clear()
+    _CHANGING.clear()
     kept: list[Any] = []
     for watch in list(_LIVE):
         values = watch.take()

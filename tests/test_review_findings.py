@@ -434,8 +434,8 @@ def test_a_store_racing_close_all_leaves_no_empty_watch_listed() -> None:
 
     first = greenscope.GreenletRegistry(Closable)
     second = greenscope.GreenletRegistry(Closable)
-    create = greenscope.GreenletRegistry._create  # its store, inline
-    tracer, paused, resume = _pause_at(create, "with _values_lock:")
+    store = greenscope.GreenletRegistry._store_locked  # the store of a second value
+    tracer, paused, resume = _pause_at(store, "with _values_lock:")
 
     stored, checked = threading.Event(), threading.Event()
 
@@ -645,6 +645,193 @@ def test_the_owner_changing_its_values_while_a_take_in_its_thread_is_switched_ou
         assert s.live == 0, (registry, s)
         assert s.created == s.removed + s.reaped, (registry, s)
     assert Closable.closed - closed_before == first.stats().created + second.stats().created
+
+
+def _switch_inside(func: Any, needle: str, greenlets: dict[str, Any], who: str, to: str) -> Any:
+    """A tracer: when ``greenlets[who]`` reaches the line of ``func`` containing
+    ``needle``, it switches to ``greenlets[to]``, once, as a finalizer doing gevent I/O
+    in a GC pass there would."""
+    import inspect  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from greenlet import getcurrent  # noqa: PLC0415
+
+    lines, start = inspect.getsourcelines(func)
+    [line] = [start + i for i, text_ in enumerate(lines) if needle in text_]
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not func.__code__:
+            return None
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == line and getcurrent() is greenlets[who]:
+                sys.settrace(None)
+                greenlets[to].switch()
+            return local
+
+        return local
+
+    return tracer
+
+
+@pytest.mark.parametrize(
+    ("owner_does", "paused_in", "paused_at"),
+    [
+        ("store a second value", "put", "new = registry not in more"),
+        ("store a second value", "put", "more[registry] = value"),
+        ("clear the first of two", "drop", "if self.more:"),
+        ("clear the first of two", "drop", "self.r1, self.v1 = first, self.more.pop(first)"),
+        ("clear the second of two", "drop", "if self.more is not None:"),
+    ],
+)
+@pytest.mark.parametrize("ordered", [True, False], ids=["GIL", "locks only"])
+def test_close_all_switched_in_while_the_owner_changes_its_values_leaves_them_alone(
+    owner_does: str, paused_in: str, paused_at: str, ordered: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A greenlet switch inside the owner's locked change (a GC pass whose finalizer does
+    gevent I/O) lets close_all() of the same thread past the re-entrant lock: it leaves
+    that watch to its owner, which loses nothing, and every value is closed once."""
+    import sys  # noqa: PLC0415
+
+    from greenlet import greenlet as RawGreenlet  # noqa: PLC0415
+
+    from greenscope import _registry  # noqa: PLC0415
+
+    monkeypatch.setattr(_registry._ORDERED, "done", ordered)
+    first = greenscope.GreenletRegistry(Closable)
+    second = greenscope.GreenletRegistry(Closable)
+    greenlets: dict[str, Any] = {}
+    seen: dict[str, Any] = {}
+    tracer = _switch_inside(
+        getattr(_registry._Watch, paused_in), paused_at, greenlets, "owner", "taker"
+    )
+
+    def work() -> None:
+        first()
+        if owner_does != "store a second value":
+            second()
+        greenlets["taker"].switch()  # holds its values: the taker arms the switch
+        sys.settrace(tracer)
+        try:
+            if owner_does == "store a second value":
+                second()
+            elif owner_does == "clear the first of two":
+                first.clear()
+            else:
+                second.clear()
+        finally:
+            sys.settrace(None)
+        seen["holds"] = (first.has(), second.has())
+
+    def take_all() -> None:
+        greenlets["owner"].switch()  # the owner stores, then comes back here
+        greenlets["owner"].switch()  # the owner starts its change: back from inside it
+        seen["closed by close_all"] = greenscope.close_all(shutdown=False)
+        greenlets["owner"].switch()  # the owner finishes its change, then ends
+
+    closed_before = Closable.closed
+    greenlets["taker"] = RawGreenlet(take_all)
+    greenlets["owner"] = RawGreenlet(work, greenlets["taker"])
+    greenlets["taker"].switch()
+    assert greenlets.pop("taker").dead
+    assert greenlets.pop("owner").dead  # freed: a raw greenlet's values are reaped then
+    assert greenscope.wait_reaped(5)
+    expected = {
+        "store a second value": (True, True),
+        "clear the first of two": (False, True),
+        "clear the second of two": (True, False),
+    }
+    assert seen == {"holds": expected[owner_does], "closed by close_all": 0}
+    for registry in (first, second):
+        s = registry.stats()
+        assert s.live == 0, (registry, s)
+        assert s.created == s.removed + s.reaped, (registry, s)
+    cleared = 0 if owner_does == "store a second value" else 1  # clear() does not close
+    created = first.stats().created + second.stats().created
+    assert Closable.closed - closed_before == created - cleared
+
+
+def test_a_registry_subclass_makes_every_value_with_its_own_create() -> None:
+    """A GreenletRegistry subclass's _create() runs for each new value, in gevent and raw
+    greenlets alike, once the cleanup threads run (the compiled miss skipped it)."""
+    from greenlet import getcurrent  # noqa: PLC0415
+    from greenlet import greenlet as RawGreenlet  # noqa: PLC0415
+
+    from greenscope._registry import _MISSING  # noqa: PLC0415
+
+    made: list[str] = []
+
+    class Counting(greenscope.GreenletRegistry[Closable]):
+        def _create(self, value: Any = _MISSING) -> Closable:
+            made.append(type(getcurrent()).__name__)
+            return super()._create(value)
+
+    registry = Counting(Closable)
+    registry()  # starts the cleanup threads
+    registry.clear()
+    made.clear()
+    gevent.joinall([gevent.spawn(registry) for _ in range(3)])
+    RawGreenlet(registry).switch()
+    assert greenscope.wait_reaped(5)
+    assert sorted(made) == ["Greenlet", "Greenlet", "Greenlet", "greenlet"]
+
+
+def test_a_fork_while_another_thread_is_inside_take_keeps_what_it_left() -> None:
+    """fork() while close_all() in another thread is inside take(): the child keeps the
+    value still in the watch (never freed, so never rolled back on the parent's
+    connection) and can store and clear again."""
+    result = run_scenario(
+        """
+        import gc, json, os, signal, threading, warnings
+        import greenscope
+        from greenscope import _cleanup, _registry
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+
+        class V:
+            def close(self):
+                pass
+
+        registry = greenscope.GreenletRegistry(V)
+        value = registry()
+        inside, go = threading.Event(), threading.Event()
+        items = _registry._Watch.items
+
+        def paused_items(self):  # take() after its claim, as a thread switch could be
+            inside.set()
+            go.wait(10)
+            return items(self)
+
+        _registry._Watch.items = paused_items
+        t = threading.Thread(target=greenscope.close_all, kwargs={"shutdown": False})
+        t.start()
+        inside.wait(10)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)
+            _registry._Watch.items = items
+            pinned = any(value in kept for kept in _cleanup._PINNED)
+            stale = len(_registry._TAKING) + len(_registry._CHANGING)
+            registry.clear()
+            again = registry() is not value
+            registry.clear()
+            gc.collect()
+            report = {"pinned": pinned, "stale": stale, "again": again,
+                      "live": registry.stats().live}
+            os.write(write, json.dumps(report).encode())
+            os._exit(0)
+        go.set()
+        t.join()
+        _, status = os.waitpid(pid, 0)
+        os.close(write)
+        child = json.loads(os.read(read, 1000) or b"null")
+        print(json.dumps({"status": status, "child": child}))
+        """
+    )
+    assert result == {
+        "status": 0,
+        "child": {"pinned": True, "stale": 0, "again": True, "live": 0},
+    }
 
 
 def test_a_scopefunc_scoped_session_uses_sqlalchemys_own_lookup() -> None:
