@@ -106,10 +106,10 @@ class RegistryHit:
             except KeyError:
                 return self._create()  # _first() takes exact dicts only, compiled
         # Python: d[key] is cheaper than a d.get() call on every hit; a miss pays.
-        g = getcurrent()
         try:
-            return g.__dict__[self._key]
+            return getcurrent().__dict__[self._key]
         except KeyError:
+            g = getcurrent()
             return _first(self, g, g.__dict__, self._key)
 
 

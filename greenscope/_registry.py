@@ -1057,7 +1057,10 @@ def close_all(*, include_running: bool = True, shutdown: bool = True) -> int:
 
     Thread safety: a greenlet of another thread that stores, replaces or clears a value
     meanwhile loses nothing, and each value is counted once: close_all() takes what it
-    finds, and what is stored after is the owner's. With ``include_running=True``, a
+    finds, and what is stored after is the owner's. So does a greenlet of this thread
+    when a greenlet switch (a finalizer's gevent I/O in a GC pass) interleaves the two:
+    a greenlet switched out in the middle of changing its values keeps them all (they
+    are closed when it ends). With ``include_running=True``, a
     running greenlet's Session may be closed while its owner still uses it (or closes
     it too): that is what ``include_running=False`` avoids.
 
