@@ -744,15 +744,18 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
             value = self.createfunc()  # first: if it raises, nothing is registered
         g = getcurrent()
         d = g.__dict__
-        if creating and self._key in d:  # createfunc itself used the registry
-            return d[self._key]  # type: ignore[no-any-return]
         if not _cleanup.prepared.done:  # every store, not only a new watch: a watch
             _cleanup.prepare()  # inherited across fork() finds no cleanup threads
+        if _debug.active:
+            _debug.tag(value, g)
+        # Read after what may switch greenlets (prepare() starts threads; a finalizer in
+        # a GC pass may do gevent I/O, and this greenlet's or close_all()'s code runs
+        # meanwhile): the dict and watch read here are the ones stored into.
+        if creating and self._key in d:  # createfunc (or a finalizer) used the registry
+            return d[self._key]  # type: ignore[no-any-return]
         watch: _Watch | None = d.get(_WATCH_KEY)
         if watch is None:  # first value of this greenlet, in any registry
             watch = d[_WATCH_KEY] = _new_watch(g)
-        if _debug.active:
-            _debug.tag(value, g)
         if watch.r1 is None and _ORDERED.done:
             # The usual case, inline and without the lock: the watch's first value. Empty,
             # the watch is unlisted and no take() is emptying it (see the module's
@@ -775,6 +778,9 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
         # its finalizers would run under the lock.
         replaced = d.get(self._key)  # noqa: F841
         with _values_lock:
+            # The one the greenlet holds now: a store while this one was switched out
+            # (a finalizer's, while a take() was emptying the watch) may have replaced it.
+            watch = d.get(_WATCH_KEY, watch)
             if watch in _TAKING:  # re-entered inside a take() of this greenlet's watch
                 # That take() empties the watch when it resumes: what is stored now goes
                 # into a new one, which the greenlet's end reaps as usual.

@@ -207,16 +207,35 @@ class AppContextRegistry(ScopedRegistry[Session]):
         """Store ``session`` for ``ctx``; return the entry it replaced, if any. Into a new
         container if close_all() took this one meanwhile: the greenlet's own dict no
         longer holds it (take() unregisters it under the same lock), and its close would
-        never see the new Session."""
+        never see the new Session.
+
+        The lock is re-entrant, so a greenlet switch in here (a GC pass whose finalizer
+        does gevent I/O) could let close_all() of this thread in: the greenlet's watch
+        is listed as being changed first, and a take() then leaves it alone; a take()
+        switched out in the middle of this greenlet's watch gets a new container stored
+        beside it (see greenscope._registry)."""
         key, entry = id(ctx), (weakref.ref(ctx), session)
         while True:
             with _registry._values_lock:
-                current = getcurrent().__dict__.get(self._greenlets._key)
-                if current is sessions:
-                    old: tuple[Any, Session] | None = sessions.entries.get(key)
-                    sessions.entries[key] = entry
-                    break
-            sessions = self._greenlets()  # a new container (or the one stored meanwhile)
+                d = getcurrent().__dict__
+                watch: Any = d.get(_registry._WATCH_KEY)  # there: the container is stored
+                taking = watch in _registry._TAKING
+                mark = watch is not None and watch not in _registry._CHANGING
+                if mark:
+                    _registry._CHANGING.add(watch)
+                try:
+                    if not taking and d.get(self._greenlets._key) is sessions:
+                        old: tuple[Any, Session] | None = sessions.entries.get(key)
+                        sessions.entries[key] = entry
+                        break
+                finally:
+                    if mark:
+                        _registry._CHANGING.discard(watch)
+            if taking:  # the greenlet's dict still holds the container being taken
+                sessions = AppContextSessions(self)
+                self._greenlets.set(sessions)  # into a new watch (see _store_locked)
+            else:
+                sessions = self._greenlets()  # a new container (or one stored meanwhile)
         if _debug.active:
             _debug.tag(session, getcurrent())
         self._created += 1

@@ -834,6 +834,132 @@ def test_a_fork_while_another_thread_is_inside_take_keeps_what_it_left() -> None
     }
 
 
+def test_a_store_switched_out_before_its_watch_is_read_stores_into_the_current_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store that switches out before it stores (here in the debug hook; a finalizer's
+    gevent I/O would), while a finalizer of the same greenlet stores into a new watch
+    and close_all() empties the old one: the value goes into the greenlet's current
+    watch, and request-end removal closes it."""
+    import sys  # noqa: PLC0415
+
+    from greenlet import getcurrent  # noqa: PLC0415
+    from greenlet import greenlet as RawGreenlet  # noqa: PLC0415
+
+    from greenscope import _registry  # noqa: PLC0415
+
+    first = greenscope.GreenletRegistry(Closable)
+    second = greenscope.GreenletRegistry(Closable)
+    third = greenscope.GreenletRegistry(Closable)
+    greenlets: dict[str, Any] = {}
+    seen: dict[str, Any] = {}
+
+    class Hook:  # _create() calls tag() on its way to the store
+        active = True
+        armed = False
+
+        @staticmethod
+        def tag(value: Any, g: Any) -> None:
+            if Hook.armed and getcurrent() is greenlets["owner"] and value is not seen.get("F"):
+                Hook.armed = False
+                greenlets["taker"].switch()  # close_all() starts, switches back mid-take
+                seen["F"] = third()  # the finalizer's store: into a new watch
+                greenlets["taker"].switch()  # the take() finishes, emptying the old one
+
+        untag = staticmethod(lambda value: None)
+        retag = staticmethod(lambda value, owner: None)
+
+    monkeypatch.setattr(_registry, "_debug", Hook)
+    tracer = _switch_inside(
+        _registry._Watch.take,
+        "for registry, value in values.items():",
+        greenlets,
+        "taker",
+        "owner",
+    )
+
+    def work() -> None:
+        first()
+        Hook.armed = True  # the next store, second's, switches out on its way
+        x = second()
+        seen["current"] = set(map(id, greenscope.current_sessions())) == {id(x), id(seen["F"])}
+        seen["removed"] = greenscope.remove_current()
+        seen["fresh"] = second() is not x
+        second.clear()
+
+    def take_all() -> None:
+        sys.settrace(tracer)
+        try:
+            seen["closed by close_all"] = greenscope.close_all(shutdown=False)
+        finally:
+            sys.settrace(None)
+        greenlets["owner"].switch()
+
+    greenlets["taker"] = RawGreenlet(take_all)
+    greenlets["owner"] = RawGreenlet(work, greenlets["taker"])
+    greenlets["owner"].switch()
+    greenlets.clear()
+    assert greenscope.wait_reaped(5)
+    del seen["F"]
+    assert seen == {"closed by close_all": 1, "current": True, "removed": 2, "fresh": True}
+    for registry in (first, second, third):
+        stats = registry.stats()
+        assert (stats.live, stats.created) == (0, stats.removed + stats.reaped), stats
+
+
+def test_close_all_switched_in_while_a_flask_session_is_stored_leaves_it_alone() -> None:
+    """A greenlet switch inside the Flask registry's store (a finalizer's gevent I/O) lets
+    close_all() of the same thread in: it leaves that greenlet's container alone, the
+    Session is handed out again, and is closed once in the end."""
+    import sys  # noqa: PLC0415
+
+    import flask  # noqa: PLC0415
+    from greenlet import greenlet as RawGreenlet  # noqa: PLC0415
+    from sqlalchemy import orm  # noqa: PLC0415
+
+    from greenscope.flask import AppContextRegistry  # noqa: PLC0415
+
+    closed: list[int] = []
+
+    class Tracked(orm.Session):
+        def close(self) -> None:
+            closed.append(id(self))
+            super().close()
+
+    app = flask.Flask(__name__)
+    registry = AppContextRegistry(Tracked)
+    greenlets: dict[str, Any] = {}
+    seen: dict[str, Any] = {}
+    tracer = _switch_inside(
+        AppContextRegistry._store, "sessions.entries[key] = entry", greenlets, "owner", "taker"
+    )
+
+    def work() -> None:
+        with app.app_context():
+            sys.settrace(tracer)
+            try:
+                session = registry()
+            finally:
+                sys.settrace(None)
+            seen["same"] = registry() is session
+            seen["id"] = id(session)
+
+    def take_all() -> None:
+        seen["closed by close_all"] = greenscope.close_all(shutdown=False)
+        greenlets["owner"].switch()
+
+    greenlets["taker"] = RawGreenlet(take_all)
+    greenlets["owner"] = RawGreenlet(work, greenlets["taker"])
+    greenlets["owner"].switch()
+    greenlets.clear()
+    greenscope.close_all(shutdown=False)  # whatever the greenlet still holds
+    assert greenscope.wait_reaped(5)
+    assert (seen["closed by close_all"], seen["same"]) == (0, True)
+    assert closed.count(seen["id"]) == 1
+    stats = registry.stats()
+    assert (stats.live, stats.created) == (0, stats.removed + stats.reaped), stats
+
+
 def test_a_scopefunc_scoped_session_uses_sqlalchemys_own_lookup() -> None:
     """With a scopefunc there is no greenlet fast path to try (and miss) first."""
     from sqlalchemy.orm import scoped_session as sa_scoped_session  # noqa: PLC0415
