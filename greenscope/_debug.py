@@ -35,8 +35,9 @@ __all__ = ["set_debug"]
 
 _OWNER = "greenscope.owner"
 
-active = False  # read by the registry's slow path (a new value) only
-debugging = Flag()  # the same, for greenscope._hot's compiled paths (which then step aside)
+# On or off; read on the slow paths, and as a C field by greenscope._hot's compiled
+# paths, which then step aside.
+debugging = Flag()
 
 
 def set_debug(enabled: bool = True) -> bool:
@@ -49,8 +50,7 @@ def set_debug(enabled: bool = True) -> bool:
 
     .. versionadded:: 0.1
     """
-    global active  # one process-wide switch, read on the slow path only
-    previous, active = active, bool(enabled)
+    previous, active = debugging.done, bool(enabled)
     debugging.done = active
     for name, listener in _LISTENERS.items():
         if active and not event.contains(Session, name, listener):

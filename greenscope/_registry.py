@@ -128,13 +128,34 @@ _LIVE: set[_Watch] = set()
 _TAKING: set[_Watch] = set()
 _CHANGING: set[_Watch] = set()
 
+
+class _Changing:
+    """``with _Changing(watch):``, under ``_values_lock``: the owner changes ``watch``
+    (None: nothing to mark), and a take() switched in meanwhile leaves it alone. Nested
+    (a finalizer of the same greenlet changing it too), the outermost one unlists it."""
+
+    __slots__ = ("outer", "watch")
+
+    def __init__(self, watch: _Watch | None) -> None:
+        self.watch = watch
+
+    def __enter__(self) -> None:
+        self.outer = self.watch is not None and self.watch not in _CHANGING
+        if self.outer:
+            _CHANGING.add(self.watch)  # type: ignore[arg-type]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.outer:
+            _CHANGING.discard(self.watch)
+
+
 # Held by take() and by a greenlet's own changes to its values but the two ordered ones
 # (see the module's docstring; an acquire and release cost about 1,000 instructions,
 # which those two, once per greenlet each, do without). Re-entrant: a GC pass inside a
 # critical section may free another greenlet, whose weakref callback takes that
 # greenlet's watch. An OS lock even under monkey-patching: greenscope's own code under
-# it never switches greenlets or does I/O (a finalizer in a GC pass may: _TAKING covers
-# that). Made anew in a forked child (_forget_inherited).
+# it never switches greenlets or does I/O (a finalizer in a GC pass may: _TAKING and
+# _CHANGING cover that). Made anew in a forked child (_forget_inherited).
 _values_lock = _cleanup.allocate_rlock()
 # Whether bytecodes run one at a time, which the ordered changes rely on. A free-threaded
 # build may enable its GIL later (for an extension), never disable it once enabled.
@@ -377,18 +398,6 @@ class _Watch(_hot.Watch):
 _on_completion = _hot.on_completion
 
 
-def _hub_ref(hub: Any) -> weakref.ref[Any]:
-    """A new weakref to ``hub``, kept as the last one made: _new_watch reuses it while
-    the hub is the same (one hub a process, usually; weakref.ref() costs more than the
-    rest of a watch's fields together). A race between threads only misses the cache."""
-    global _last_hub_ref  # noqa: PLW0603 - a one-entry cache
-    ref = _last_hub_ref = weakref.ref(hub)
-    return ref
-
-
-_last_hub_ref: weakref.ref[Any] | None = None
-
-
 def _new_watch(g: RawGreenlet) -> _Watch:
     """A watch for ``g``, the current greenlet, which has none yet."""
     found: _Watch | None = _hot.new_watch(g)  # a gevent.Greenlet in its thread's hub
@@ -409,9 +418,8 @@ def _new_watch(g: RawGreenlet) -> _Watch:
     watch.thread = _get_ident()
     if hub is None:
         watch.hub = None
-    else:  # the last hub's weakref, if it is this hub's (see _hub_ref)
-        ref = _last_hub_ref
-        watch.hub = ref if ref is not None and ref() is hub else _hub_ref(hub)
+    else:
+        watch.hub = weakref.ref(hub)
     if _GeventGreenlet is not None and isinstance(g, _GeventGreenlet):
         # Completion, not deallocation: a kept spawn() handle or a Pool must not keep a
         # finished greenlet's Session (and its pool connection) open.
@@ -557,7 +565,7 @@ def close_or_release(value: Any, close: Callable[[Any], object] = _close_value) 
     tx = value.get_transaction() if session else None
     # Debug mode: greenscope closes from wherever it runs (the reaper, close_all), which
     # is no misuse; the owner is restored after, so a later use elsewhere is caught.
-    owner = _debug.untag(value) if _debug.active else None
+    owner = _debug.untag(value) if _debug.debugging.done else None
     try:
         if session and close is _close_value:
             value.close()  # a Session, the default close: one Python call fewer
@@ -746,7 +754,7 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
         d = g.__dict__
         if not _cleanup.prepared.done:  # every store, not only a new watch: a watch
             _cleanup.prepare()  # inherited across fork() finds no cleanup threads
-        if _debug.active:
+        if _debug.debugging.done:
             _debug.tag(value, g)
         # Read after what may switch greenlets (prepare() starts threads; a finalizer in
         # a GC pass may do gevent I/O, and this greenlet's or close_all()'s code runs
@@ -785,18 +793,13 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
                 # That take() empties the watch when it resumes: what is stored now goes
                 # into a new one, which the greenlet's end reaps as usual.
                 watch = d[_WATCH_KEY] = _new_watch(g)
-            nested = watch in _CHANGING  # a finalizer of this greenlet changing it too
-            _CHANGING.add(watch)  # a take() switched in meanwhile leaves it alone
-            try:
+            with _Changing(watch):
                 d[self._key] = value
                 if watch.put(self, value):
                     self._counts.live += 1
                 elif not creating:  # set() replaced this registry's value: it is removed
                     self._counts.removed += 1
                 _LIVE.add(watch)
-            finally:
-                if not nested:
-                    _CHANGING.discard(watch)
 
     def set(self, obj: _T) -> None:
         """Store ``obj`` for the current greenlet, replacing (not closing) any value."""
@@ -834,18 +837,13 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
             # take() closes the value and counts it.
             if watch in _TAKING:
                 return
-            nested = watch in _CHANGING
-            _CHANGING.add(watch)  # see _create
-            try:
+            with _Changing(watch):
                 if not watch.drop(self):
                     return
                 if watch.r1 is None:  # empty (see _Watch.empty)
                     _LIVE.discard(watch)
                 self._counts.removed += 1
                 self._counts.live -= 1
-            finally:
-                if not nested:
-                    _CHANGING.discard(watch)
 
     @property
     def shut_down(self) -> bool:

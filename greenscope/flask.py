@@ -218,25 +218,19 @@ class AppContextRegistry(ScopedRegistry[Session]):
         while True:
             with _registry._values_lock:
                 d = getcurrent().__dict__
-                watch: Any = d.get(_registry._WATCH_KEY)  # there: the container is stored
+                watch = d.get(_registry._WATCH_KEY)  # there: the container is stored
                 taking = watch in _registry._TAKING
-                mark = watch is not None and watch not in _registry._CHANGING
-                if mark:
-                    _registry._CHANGING.add(watch)
-                try:
+                with _registry._Changing(watch):
                     if not taking and d.get(self._greenlets._key) is sessions:
                         old: tuple[Any, Session] | None = sessions.entries.get(key)
                         sessions.entries[key] = entry
                         break
-                finally:
-                    if mark:
-                        _registry._CHANGING.discard(watch)
             if taking:  # the greenlet's dict still holds the container being taken
                 sessions = AppContextSessions(self)
                 self._greenlets.set(sessions)  # into a new watch (see _store_locked)
             else:
                 sessions = self._greenlets()  # a new container (or one stored meanwhile)
-        if _debug.active:
+        if _debug.debugging.done:
             _debug.tag(session, getcurrent())
         self._created += 1
         self._live += 1

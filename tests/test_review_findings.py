@@ -846,7 +846,7 @@ def test_a_store_switched_out_before_its_watch_is_read_stores_into_the_current_o
     from greenlet import getcurrent  # noqa: PLC0415
     from greenlet import greenlet as RawGreenlet  # noqa: PLC0415
 
-    from greenscope import _registry  # noqa: PLC0415
+    from greenscope import _hot, _registry  # noqa: PLC0415
 
     first = greenscope.GreenletRegistry(Closable)
     second = greenscope.GreenletRegistry(Closable)
@@ -855,7 +855,8 @@ def test_a_store_switched_out_before_its_watch_is_read_stores_into_the_current_o
     seen: dict[str, Any] = {}
 
     class Hook:  # _create() calls tag() on its way to the store
-        active = True
+        debugging = _hot.Flag()
+        debugging.done = True
         armed = False
 
         @staticmethod
