@@ -42,8 +42,11 @@ Invariants:
   job that raises anyway is logged here, so nothing dies silently in a reaper.
 
 Thread/greenlet safety: ``submit`` is reentrant (deque appends, ``SimpleQueue.put`` and
-loop callbacks only). The watchdog's table is guarded by a real lock that is only ever
-taken in ordinary code (job workers and the watchdog thread), never in a callback.
+loop callbacks only). The watchdog's table of running jobs takes no lock: a job is
+listed by its worker, and taken out by the worker (done) or the watchdog (cut) with an
+atomic ``dict.pop``, which only one of them wins. Its other state (cut jobs settling in
+a hub) is guarded by a real lock that is only ever taken in ordinary code (job workers
+and the watchdog thread), never in a callback.
 """
 
 from __future__ import annotations
@@ -54,16 +57,18 @@ import _thread
 import contextlib
 import logging
 import os
+import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import greenlet
 
-from greenscope._hot import Flag
+from greenscope import _hot
+from greenscope._hot import Flag, Tally
 
 __all__ = [
     "CleanupSettings",
@@ -93,6 +98,11 @@ class Job(Protocol):
     def cut(self) -> None:
         """Called once, from the watchdog thread, when the job passed its deadline."""
 
+
+# What the runner of a job does when the watchdog cut it (the watchdog thread): True if
+# the job still counts as pending until it has been interrupted where it runs.
+OnCut = Callable[[Job], bool]
+_monotonic = time.monotonic
 
 try:  # gevent is optional: without it every job goes to the thread reaper.
     from gevent import sleep as _gevent_sleep
@@ -234,58 +244,17 @@ class CloseDeadline(BaseException):
 # -- bookkeeping -----------------------------------------------------------------------------
 
 
-class _Pending:
-    """Jobs submitted and not yet finished, for :func:`wait_idle`.
-
-    Plain int updates: exact under the GIL (an ``int`` attribute increment cannot be
-    interrupted by a thread switch or a GC pass); approximate on free-threaded builds.
-    A job cut at its deadline in a reaper thread stops counting: nobody waits for it any
-    more. One cut in a hub counts until the hub has interrupted it and it has counted
-    its failure (a loop callback away).
-    """
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
-
-
-_pending = _Pending()
-
-
-class _Generation:
-    """Bumped in a forked child: jobs started before the fork are the parent's."""
-
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
-        self.n = 0
-
-
-_generation = _Generation()
+# Jobs submitted and not yet finished, for wait_idle(). A job cut at its deadline in a
+# reaper thread stops counting: nobody waits for it any more. One cut in a hub counts
+# until the hub has interrupted it and it has counted its failure (a loop callback away).
+_pending = Tally()
+# Bumped in a forked child: jobs started before the fork are the parent's.
+_generation = Tally()
 
 
 def pending() -> int:
     """Jobs submitted and not finished (or cut) yet."""
     return _pending.count
-
-
-class _Running:
-    """One job being run, as the watchdog sees it.
-
-    ``state`` moves once from ``running`` to ``done`` (the worker finished it in time) or
-    to ``cut`` (the watchdog fired): whoever moves it, under the watchdog's lock, owns
-    the bookkeeping (the pending count and the worker slot). ``on_cut`` runs in the
-    watchdog thread after the job's sockets were shut down.
-    """
-
-    __slots__ = ("deadline", "job", "on_cut", "state")
-
-    def __init__(self, job: Job, deadline: float, on_cut: Callable[[_Running], bool]) -> None:
-        self.job = job
-        self.deadline = deadline
-        self.on_cut = on_cut
-        self.state = "running"
 
 
 class _Watchdog:
@@ -295,6 +264,14 @@ class _Watchdog:
     every ``_SWEEP_INTERVAL`` to move the queued jobs of destroyed hubs to the thread
     reaper (independently of how busy the thread reaper is) and to flush the orphan
     warnings summary.
+
+    ``running`` maps each running job to its deadline and the ``on_cut`` of whoever runs
+    it. Taking a job out of it is the claim on the job's bookkeeping (the pending count
+    and the worker slot): the worker takes it when it finishes, the watchdog when the
+    deadline passed, and of the two only one gets it (``dict.pop`` is atomic, with the
+    GIL and on free-threaded builds alike), so neither path takes a lock: they are paid
+    once per close. ``on_cut(job)`` runs in the watchdog thread after the job's sockets
+    were shut down. A job object runs at most once at a time (each is made for one close).
     """
 
     def __init__(self) -> None:
@@ -304,13 +281,14 @@ class _Watchdog:
         self.lock = _allocate_lock()
         self.wake = _allocate_lock()
         self.wake.acquire()
-        self.running: set[_Running] = set()
+        self.running: dict[Job, tuple[float, OnCut]] = {}
         self.started = False
         self.periodic: list[Callable[[], None]] = []
+        # When the watchdog wakes next; a start() with an earlier deadline wakes it.
         self.sleep_until = 0.0
         # Cut jobs of live hubs that still count as pending until the hub has thrown
-        # into them (see _cut): entry -> its hub. Guarded by ``lock``.
-        self.settling: dict[_Running, Any] = {}
+        # into them (see _cut): job -> its hub. Guarded by ``lock``.
+        self.settling: dict[Job, Any] = {}
 
     def ensure_started(self) -> None:
         if self.started:
@@ -320,31 +298,25 @@ class _Watchdog:
                 _start_new_thread(self._run, ())
                 self.started = True
 
-    def start(self, job: Job, on_cut: Callable[[_Running], bool]) -> _Running:
-        entry = _Running(job, time.monotonic() + _settings.close_timeout, on_cut)
-        with self.lock:
-            self.running.add(entry)
-            if entry.deadline < self.sleep_until:  # a short close_timeout: wake up earlier
-                self.sleep_until = entry.deadline
-                with contextlib.suppress(RuntimeError):  # already woken
-                    self.wake.release()
-        return entry
+    def start(self, job: Job, on_cut: OnCut) -> None:
+        deadline = _monotonic() + _settings.close_timeout
+        self.running[job] = (deadline, on_cut)
+        # Read after the job is listed, and the watchdog writes its provisional wake-up
+        # before it copies the table: either it sees this job, or this sees when it
+        # wakes (see _run). A short close_timeout only: the usual one is past any sweep.
+        if deadline < self.sleep_until:
+            self.poke()
 
     def poke(self) -> None:
         """Wake the watchdog now. Safe from any context (a real lock's release)."""
         with contextlib.suppress(RuntimeError):  # already woken
             self.wake.release()
 
-    def finish(self, entry: _Running) -> bool:
-        """The worker finished ``entry``; True if in time (it still owns the bookkeeping)."""
-        with self.lock:
-            self.running.discard(entry)
-            if entry.state != "running":
-                return False
-            entry.state = "done"
-            return True
+    def finish(self, job: Job) -> bool:
+        """The worker finished ``job``; True if in time (it still owns the bookkeeping)."""
+        return self.running.pop(job, None) is not None
 
-    def settled(self, entry: _Running) -> None:
+    def settled(self, entry: Job) -> None:
         """A cut hub job has been interrupted and counted: it stops counting as pending.
 
         Called from the hub's loop callback, or from the sweep when the hub was destroyed
@@ -365,21 +337,20 @@ class _Watchdog:
     def _run(self) -> None:
         next_sweep = time.monotonic() + _SWEEP_INTERVAL
         while True:
-            now = time.monotonic()
-            due: list[_Running] = []
-            with self.lock:
-                earliest = next_sweep
-                for entry in self.running:
-                    if entry.deadline <= now:
-                        due.append(entry)
-                    else:
-                        earliest = min(earliest, entry.deadline)
-                for entry in due:
-                    self.running.discard(entry)
-                    entry.state = "cut"
-                self.sleep_until = earliest
-            for entry in due:
-                self._cut(entry)
+            now = _monotonic()
+            # Provisional, before the copy: a job listed after the copy reads this or
+            # the final value below, and wakes us if its deadline is earlier (start()).
+            self.sleep_until = earliest = next_sweep
+            due: list[tuple[Job, OnCut]] = []
+            # dict.copy() runs no Python code (jobs hash by identity): a consistent view.
+            for job, (deadline, on_cut) in self.running.copy().items():
+                if deadline > now:
+                    earliest = min(earliest, deadline)
+                elif self.running.pop(job, None) is not None:  # else it just finished
+                    due.append((job, on_cut))
+            self.sleep_until = earliest
+            for job, on_cut in due:
+                self._cut(job, on_cut)
             _thread_reaper.staff()
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_INTERVAL
@@ -392,9 +363,9 @@ class _Watchdog:
             self.wake.acquire(timeout=max(0.0, earliest - time.monotonic()))
 
     @staticmethod
-    def _cut(entry: _Running) -> None:
+    def _cut(job: Job, on_cut: OnCut) -> None:
         try:
-            entry.job.cut()
+            job.cut()
         except Exception:  # pragma: no cover - defensive
             logger.exception("greenscope: cutting a hung close failed")
         settles_later = False
@@ -403,7 +374,7 @@ class _Watchdog:
             # count drops once it has counted its failure, so that wait_idle() returning
             # True means the counters are settled. False: it may never return (a thread
             # blocked in a driver call): nobody waits for it any more.
-            settles_later = entry.on_cut(entry)
+            settles_later = on_cut(job)
         except Exception:  # pragma: no cover - defensive
             logger.exception("greenscope: releasing a hung close's slot failed")
         if not settles_later:
@@ -414,30 +385,8 @@ _SWEEP_INTERVAL = 1.0
 _watchdog = _Watchdog()
 
 
-def _run_job(job: Job, on_cut: Callable[[_Running], bool]) -> bool:
-    """Run ``job`` under the watchdog; True if it finished before its deadline.
-
-    Jobs log and count their own failures and do not raise; this is the last line of
-    defence, so that a reaper never dies and nothing reaches the hub or another greenlet.
-    """
-    generation = _generation.n
-    entry = _watchdog.start(job, on_cut)
-    try:
-        job()
-    except CloseDeadline:
-        pass  # cut in a hub: the job already logged and counted it
-    except BaseException:  # pragma: no cover - defensive
-        logger.exception("greenscope: a cleanup job failed")
-    finally:
-        if generation != _generation.n:
-            # Started in the parent before fork() and resumed in this child: none of
-            # the child's bookkeeping is this job's (see _after_fork_in_child).
-            in_time = False
-        else:
-            in_time = _watchdog.finish(entry)
-            if in_time:
-                _pending.count -= 1
-    return in_time
+# Runs each job under the watchdog (compiled: once per close; see greenscope._hot).
+_run_job = _hot.run_job
 
 
 # -- hubs -----------------------------------------------------------------------------------
@@ -462,28 +411,32 @@ class _HubReaper:
         self.fill_scheduled = False  # read and written in the hub's thread only
         _hub_reapers.add(self)
 
-    def submit(self, job: Job) -> None:
-        self.jobs.append(job)  # deque.append is atomic: safe from any context
-        if not self.fill_scheduled and self.running < _settings.max_concurrent_closes:
-            self.fill_scheduled = True
-            self.hub.loop.run_callback(self._fill)
+    # Append, and schedule _fill unless it is already (compiled: once per orphan).
+    submit = _hot.hub_submit
 
     def submit_threadsafe(self, job: Job) -> None:
         self.jobs.append(job)
         self.hub.loop.run_callback_threadsafe(self._fill)
 
-    def _fill(self) -> None:  # runs in the hub: start greenlets up to the limit
+    def _fill(self) -> None:  # runs in the hub: start a greenlet, up to the limit
+        # One at a time. A greenlet drains the queue until it is empty, so while closes
+        # do not block one is enough (a batch of orphans started up to N greenlets, all
+        # but one for nothing). This looks again a loop callback later, after the new
+        # greenlet ran: if its close blocked, jobs still wait, and one more starts.
         self.fill_scheduled = False
-        while self.jobs and self.running < _settings.max_concurrent_closes:
+        if self.jobs and self.running < _settings.max_concurrent_closes:
             self.running += 1
             worker = greenlet.greenlet(self._drain, self.hub)
-            self.hub.loop.run_callback(worker.switch)
+            loop = self.hub.loop
+            loop.run_callback(worker.switch)
+            self.fill_scheduled = True
+            loop.run_callback(self._fill)
 
     def _drain(self) -> None:  # its own greenlet: may block
         me = greenlet.getcurrent()
         holds_slot = True
 
-        def on_cut(entry: _Running) -> bool:  # the watchdog thread
+        def on_cut(entry: Job) -> bool:  # the watchdog thread
             if not _loop_alive(self.hub):
                 return False  # nothing will run _after_cut: stop counting it now
             with _watchdog.lock:
@@ -500,17 +453,15 @@ class _HubReaper:
             return True
 
         try:
-            while self.jobs:
-                if not _run_job(self.jobs.popleft(), on_cut):
-                    holds_slot = False  # the slot went to another greenlet at the cut
-                    return
+            if not _hot.drain(self.jobs, on_cut):
+                holds_slot = False  # the slot went to another greenlet at the cut
         finally:
             if holds_slot:
                 self.running -= 1
             if self.jobs and _loop_alive(self.hub):  # killed mid-drain, or a late submit
                 self.hub.loop.run_callback(self._fill)
 
-    def _after_cut(self, worker: greenlet.greenlet, entry: _Running) -> None:  # in the hub
+    def _after_cut(self, worker: greenlet.greenlet, entry: Job) -> None:  # in the hub
         self.running -= 1
         try:
             if not worker.dead:
@@ -615,7 +566,7 @@ class _ThreadReaper:
         ):
             self._grow()
 
-    def _on_cut(self, entry: _Running) -> bool:  # the watchdog thread
+    def _on_cut(self, entry: Job) -> bool:  # the watchdog thread
         with self.lock:
             self.workers -= 1
             self.stuck += 1
@@ -741,7 +692,7 @@ def claim(dbapi_connections: list[Any]) -> list[_Claim]:
     return claims
 
 
-def release(claims: list[_Claim]) -> None:
+def release(claims: Sequence[_Claim]) -> None:
     """The job is over: forget its claims (those checked in are gone already)."""
     if not claims:
         return
@@ -751,7 +702,7 @@ def release(claims: list[_Claim]) -> None:
                 del _claims[id(c.connection)]
 
 
-def cut_claimed(claims: list[_Claim]) -> int:
+def cut_claimed(claims: Sequence[_Claim]) -> int:
     """Shut down the sockets of ``claims`` still held by their job; return how many.
 
     Under the claim lock: a connection already checked in (its claim dropped by
@@ -890,7 +841,7 @@ def _after_fork_in_child() -> None:
         except _queue.Empty:
             break
     pin_forever(inherited)
-    _generation.n += 1
+    _generation.count += 1
     _pending.count = 0
     _claims.clear()
     _thread_reaper.reset()
@@ -903,6 +854,14 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+_hot.bind_cleanup(
+    pending=_pending,
+    generation=_generation,
+    watchdog=_watchdog,
+    module=sys.modules[__name__],
+    monotonic=_monotonic,
+    logger=logger,
+)
 
 
 # -- entry points --------------------------------------------------------------------------
@@ -919,9 +878,10 @@ def submit(job: Job, owner_thread: int | None, owner_hub: Any | None) -> None:
     if owner_thread is not None:
         if get_ident() == owner_thread:
             # The hub may have been created after the value was registered.
-            hub = hub_if_exists()
+            hub = _get_hub_if_exists() if _get_hub_if_exists is not None else None
             if hub is not None and _loop_alive(hub):
-                _hub_reaper(hub).submit(job)
+                reaper = hub.__dict__.get("_greenscope_reaper") or _hub_reaper(hub)
+                reaper.submit(job)
                 return
         elif owner_hub is not None and _loop_alive(owner_hub):
             _hub_reaper(owner_hub).submit_threadsafe(job)
@@ -929,16 +889,20 @@ def submit(job: Job, owner_thread: int | None, owner_hub: Any | None) -> None:
     _thread_reaper.submit(job)
 
 
+def _not_settled(job: Job) -> bool:
+    return False
+
+
 def run_here(job: Job) -> None:
     """Run ``job`` now, in the calling context, under the watchdog's deadline (a cut
     shuts its sockets down, which makes a blocked close fail). Re-raises what it raises."""
     _pending.count += 1
-    generation = _generation.n
-    entry = _watchdog.start(job, lambda entry: False)  # the caller sees it fail
+    generation = _generation.count
+    _watchdog.start(job, _not_settled)  # the caller sees it fail
     try:
         job()
     finally:
-        if generation == _generation.n and _watchdog.finish(entry):
+        if generation == _generation.count and _watchdog.finish(job):
             _pending.count -= 1
 
 

@@ -63,14 +63,20 @@ if cython.compiled:  # the C API's own: no type call (compiled, this import is a
 __all__ = [
     "Counts",
     "Flag",
+    "Reap",
     "RegistryHit",
     "ScopedHit",
+    "Tally",
     "Watch",
     "bind",
+    "bind_cleanup",
     "compiled",
+    "drain",
     "forget",
+    "hub_submit",
     "new_watch",
     "on_completion",
+    "run_job",
 ]
 
 #: True when this module is the compiled extension.
@@ -78,6 +84,8 @@ compiled = cython.compiled
 
 # No registry value is this object. Compiled, a C global: no module lookup per call.
 _MISSING = cython.declare(object, object())
+# A job's claims when it has none: one shared empty tuple, no list per close.
+_NO_CLAIMS = cython.declare(tuple, ())
 
 
 @cython.cclass
@@ -272,6 +280,136 @@ class Watch:
             self.detach()
 
 
+@cython.cclass
+class Reap:
+    """The fields of a cleanup job, and its run (``greenscope._registry._Reap`` adds
+    the rest): close one value where blocking is allowed, count it, log a failure.
+
+    Made once per orphan (by :func:`on_completion`, without a call to ``__init__``)
+    and run by a reaper greenlet or thread, so compiled its run is C: the usual case (a
+    GreenletRegistry of greenscope's own, its default close, a Session, no debug mode)
+    closes inline, as ``close_or_release`` does; anything else goes through the
+    registry's ``_close_one``. What only a rare case needs (a log line, a value that is
+    not a Session, a cut) is greenscope._registry's, in Python. Hashed by identity (the
+    watchdog's table keys on it). ``cut()`` is called by the cleanup watchdog, from its
+    own thread, if the close outlives its deadline.
+    """
+
+    if cython.compiled:
+        registry = cython.declare(object, visibility="public")
+        value = cython.declare(object, visibility="public")
+        _owner = cython.declare(object, visibility="public")
+        claims = cython.declare(object, visibility="public")
+        orphan = cython.declare(cython.bint, visibility="public")
+        warn = cython.declare(cython.bint, visibility="public")
+        reraise = cython.declare(cython.bint, visibility="public")
+        done = cython.declare(cython.bint, visibility="public")
+    else:
+        __slots__ = (
+            "_owner",
+            "claims",
+            "done",
+            "orphan",
+            "registry",
+            "reraise",
+            "value",
+            "warn",
+        )
+
+    def __init__(self, registry, value, owner, orphan, reraise=False):  # type: ignore[no-untyped-def]
+        self.registry = registry
+        self.value = value
+        self._owner = owner  # a watch, named only when a line is logged: naming costs
+        self.orphan = orphan
+        self.warn = orphan  # a WARNING is logged as it runs (if they are on)
+        # Only a caller that asked for the close (close_all) gets a kill re-raised; a
+        # reaper never raises: it would kill the reaper or land in the hub.
+        self.reraise = reraise
+        self.claims = _NO_CLAIMS
+        self.done = False
+
+    @property
+    def owner(self):  # type: ignore[no-untyped-def]
+        """Whose value this is, for log lines."""
+        return self._owner.owner
+
+    def cut(self):  # type: ignore[no-untyped-def]
+        """The close passed its deadline (the watchdog thread): cut its connections."""
+        _reap_cut(self)
+
+    def __call__(self):  # type: ignore[no-untyped-def]
+        registry = self.registry
+        value = self.value
+        orphan: cython.bint = self.orphan
+        # ``warn``: an orphan whose WARNING was on when its greenlet ended (or, made in
+        # Python, any orphan); logged if it still is.
+        if self.warn and _warnings_on():
+            _reap_warn(self)
+        # For cut(): the connections the close will release, claimed so that a cut can
+        # never reach one that is back in the pool (greenscope._cleanup.claim). A Session
+        # that never began a transaction holds none: the usual orphan. (_transaction is
+        # what get_transaction() starts from, in SQLAlchemy 2.0 and 2.1.)
+        session: cython.bint = isinstance(value, _session_type)
+        tx = value.get_transaction() if session and value._transaction is not None else None
+        if session:
+            claims = _NO_CLAIMS if tx is None else _claim(_opened_dbapi(tx))
+        else:
+            claims = _claims_of(value)
+        self.claims = claims
+        exc = None
+        try:
+            try:
+                if (
+                    session
+                    and type(registry) is _registry_type
+                    and registry._close is _close_value
+                    and not _debugging.done
+                ):
+                    try:  # close_or_release, inline
+                        value.close()
+                    except BaseException:
+                        _invalidate_opened(tx)
+                        raise
+                else:
+                    registry._close_one(value, orphan)
+            except BaseException as e:
+                exc = e
+                _close_failed(registry, value, self, e)
+            if (
+                exc is not None
+                and self.reraise
+                and not isinstance(exc, (Exception, _close_deadline))
+            ):
+                raise exc  # GreenletExit and the like, to close_all()'s caller
+        finally:
+            self.value = None
+            self.done = True
+            if claims:
+                _release(claims)
+            n: Counts = registry._counts
+            if orphan:
+                n.reaped += 1
+            else:
+                n.removed += 1
+
+
+@cython.cclass
+class Tally:
+    """One process-wide count: greenscope._cleanup's pending jobs and fork generation.
+
+    A C integer compiled. Updates are exact with the GIL (an increment runs no Python
+    code, so no thread switch or GC pass comes between its read and its write), and
+    approximate on free-threaded builds."""
+
+    if cython.compiled:
+        count = cython.declare(cython.long, visibility="public")
+    else:
+        __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 # What greenscope._registry hands over at import (bind()): compiled, C globals read
 # without a module lookup.
 _live = cython.declare(set, set())  # _registry._LIVE: watches holding a value
@@ -286,6 +424,26 @@ _prepared = cython.declare(Flag, Flag())  # _cleanup.prepared: both cleanup thre
 _debugging = cython.declare(Flag, Flag())  # greenscope._debug is on
 _watch_key = cython.declare(object, None)
 _ordered = cython.declare(Flag, Flag())  # _registry._ORDERED: bytecodes run one at a time
+_changing = cython.declare(set, set())  # _registry._CHANGING: the owner is changing these
+_reap_warn = cython.declare(object, None)  # _registry._reap_warn: an orphan's WARNING
+_reap_cut = cython.declare(object, None)  # _registry._reap_cut
+_claims_of = cython.declare(object, None)  # _registry._claims_of: a container's claims
+_submit = cython.declare(object, None)  # _cleanup.submit
+_warn_enabled = cython.declare(object, None)  # the greenscope logger's isEnabledFor
+_claim = cython.declare(object, None)  # _cleanup.claim
+_release = cython.declare(object, None)  # _cleanup.release
+_opened_dbapi = cython.declare(object, None)  # _registry._opened_dbapi_connections
+_close_value = cython.declare(object, None)  # _registry._close_value: the default close
+_close_failed = cython.declare(object, None)  # _registry._close_failed: count and log
+_close_deadline = cython.declare(object, None)  # _cleanup.CloseDeadline
+# What greenscope._cleanup hands over at import (bind_cleanup()).
+_pending = cython.declare(Tally, Tally())  # jobs submitted, not finished or cut yet
+_generation = cython.declare(Tally, Tally())  # bumped in a forked child
+_watchdog = cython.declare(object, None)
+_cleanup = cython.declare(object, None)  # the module: _settings is replaced when changed
+_monotonic = cython.declare(object, None)
+_logger = cython.declare(object, None)  # the greenscope logger
+_log_cache = cython.declare(object, None)  # its Logger._cache, where it has one (a dict)
 # (weakref to the last hub a watch was made in, its thread): hubs are per thread, so
 # while a greenlet's hub is that one, so is its thread. One object, read and written
 # whole: two globals could be read half updated by another thread.
@@ -306,11 +464,29 @@ def bind(  # type: ignore[no-untyped-def]
     debugging,
     watch_key,
     ordered,
+    changing,
+    submit,
+    warn_enabled,
+    claim,
+    release,
+    opened_dbapi,
+    close_value,
+    close_failed,
+    close_deadline,
+    reap_warn,
+    reap_cut,
+    claims_of,
 ):
     """Hand this module what greenscope._registry's paths here need (once, at import)."""
     global _live, _watch_type, _registry_type, _session_type, _invalidate_opened
     global _gevent_greenlet, _get_hub, _get_ident, _prepared, _debugging
-    global _watch_key, _ordered
+    global _watch_key, _ordered, _changing, _submit, _warn_enabled
+    global _claim, _release, _opened_dbapi, _close_value, _close_failed, _close_deadline
+    global _reap_warn, _reap_cut, _claims_of
+    _changing, _submit, _warn_enabled = changing, submit, warn_enabled
+    _reap_warn, _reap_cut, _claims_of = reap_warn, reap_cut, claims_of
+    _claim, _release, _opened_dbapi = claim, release, opened_dbapi
+    _close_value, _close_failed, _close_deadline = close_value, close_failed, close_deadline
     _live, _watch_type = live, watch_type
     _registry_type, _session_type = registry_type, session_type
     _invalidate_opened, _gevent_greenlet, _get_hub, _get_ident = (
@@ -320,6 +496,83 @@ def bind(  # type: ignore[no-untyped-def]
         get_ident,
     )
     _prepared, _debugging, _watch_key, _ordered = prepared, debugging, watch_key, ordered
+
+
+def bind_cleanup(*, pending, generation, watchdog, module, monotonic, logger):  # type: ignore[no-untyped-def]
+    """Hand this module what greenscope._cleanup's paths here need (once, at import)."""
+    global _pending, _generation, _watchdog, _cleanup, _monotonic, _logger
+    global _log_cache  # noqa: PLW0603 - bound once, at import
+    _pending, _generation, _watchdog = pending, generation, watchdog
+    _cleanup, _monotonic, _logger = module, monotonic, logger
+    cache = getattr(logger, "_cache", None)
+    _log_cache = cache if type(cache) is dict else None
+
+
+@cython.ccall
+def run_job(job, on_cut) -> cython.bint:  # type: ignore[no-untyped-def]
+    """Run ``job`` under the watchdog; True if it finished before its deadline.
+
+    greenscope._cleanup's, here to be compiled: it runs once per close. Listing the job
+    in the watchdog's table and taking it out again is the claim protocol described at
+    ``_Watchdog`` (no lock). Jobs log and count their own failures and do not raise;
+    this is the last line of defence, so that a reaper never dies and nothing reaches
+    the hub or another greenlet.
+    """
+    generation = _generation.count
+    deadline = _monotonic() + _cleanup._settings.close_timeout
+    running: dict = _watchdog.running  # type: ignore[type-arg]
+    running[job] = (deadline, on_cut)
+    if deadline < _watchdog.sleep_until:  # as _Watchdog.start() does, inline
+        _watchdog.poke()
+    in_time: cython.bint = False
+    try:
+        job()
+    except _close_deadline:
+        pass  # cut in a hub: the job already logged and counted it
+    except BaseException:  # pragma: no cover - defensive
+        _logger.exception("greenscope: a cleanup job failed")
+    finally:
+        # Started in the parent before fork() and resumed in a child: none of the
+        # child's bookkeeping is this job's (see _cleanup._after_fork_in_child).
+        if generation == _generation.count:
+            in_time = running.pop(job, None) is not None  # else the watchdog cut it
+            if in_time:
+                _pending.count -= 1
+    return in_time
+
+
+@cython.ccall
+def drain(jobs, on_cut) -> cython.bint:  # type: ignore[no-untyped-def]
+    """Run the jobs of a hub reaper's queue ``jobs`` until it is empty (True), or until
+    one is cut at its deadline (False: this greenlet's slot went to another)."""
+    while jobs:
+        if not run_job(jobs.popleft(), on_cut):
+            return False
+    return True
+
+
+@cython.ccall
+def hub_submit(reaper, job):  # type: ignore[no-untyped-def]
+    """``_HubReaper.submit``: queue ``job`` and make sure a job greenlet will run it.
+
+    In the hub, a GC callback or any greenlet of the hub's thread: ``deque.append`` is
+    atomic, and ``fill_scheduled`` is only ever read and written in that thread."""
+    reaper.jobs.append(job)
+    if not reaper.fill_scheduled and reaper.running < _cleanup._settings.max_concurrent_closes:
+        reaper.fill_scheduled = True
+        reaper.hub.loop.run_callback(reaper._fill)
+
+
+@cython.cfunc
+def _warnings_on() -> cython.bint:
+    """Whether the greenscope logger logs WARNINGs: ``isEnabledFor(WARNING)``, reading
+    the answer logging caches (``Logger._cache``, cleared whenever levels change) before
+    calling it: a Python call per orphan, otherwise."""
+    if _log_cache is not None and not _logger.disabled:
+        found = cython.cast(dict, _log_cache).get(30)  # logging.WARNING
+        if found is not None:
+            return found
+    return _warn_enabled(30)
 
 
 @cython.cfunc
@@ -397,13 +650,75 @@ def new_watch(g):  # type: ignore[no-untyped-def]
 def on_completion(g):  # type: ignore[no-untyped-def]
     """gevent's rawlink callback at a Greenlet's completion, in the hub: no I/O.
 
-    Most greenlets removed their values already: that case is tested here."""
+    Most greenlets removed their values already: that case is tested here. The usual
+    orphan (one registry's value, with the GIL) is handed to cleanup here; any other goes
+    to ``_Watch._completed``."""
     found = g.__dict__
     watch: Watch = (
         cython.cast(dict, found).get(_watch_key) if type(found) is dict else found.get(_watch_key)
     )
-    if watch is not None and watch.r1 is not None:  # not empty
+    if watch is None or watch.r1 is None:  # empty
+        return
+    if _ordered.done and not watch.more and watch not in _changing:
+        _orphaned(watch, g, found)
+    else:
         watch._completed(g)
+
+
+@cython.cfunc
+def _orphaned(watch: Watch, g, d):  # type: ignore[no-untyped-def]
+    """_Watch._completed() for a watch holding one registry's value, with the GIL.
+
+    The take needs no lock here. The owner is done: gevent runs completion callbacks in
+    the hub once the greenlet has finished (a finalizer that switched it out at its very
+    end is not inside a change of its values: _changing is tested first, and nothing
+    else of this thread runs while the hub runs this). So only another take() can race
+    this one, in another thread (close_all) or a greenlet of this one switched out
+    inside it: removing the watch from _live is the claim, as take() claims it, and the
+    watch is read only once claimed. Nothing here frees an object, so no finalizer runs
+    in between.
+    """
+    if g.exception is not None:
+        watch.how = " (raised)"
+    elif isinstance(g.value, BaseException):  # killed: successful() with GreenletExit
+        watch.how = " (killed)"
+    else:
+        watch.how = " (finished)"
+    warn: cython.bint = _warnings_on()
+    if warn:  # gevent makes Greenlet.name lazily: only for a log line
+        watch.name = g.name
+    try:
+        _live.remove(watch)
+    except KeyError:
+        return  # another take() got it first
+    registry = watch.r1
+    value = watch.v1
+    n: Counts = registry._counts
+    n.live -= 1
+    key = registry._key
+    if d.get(key, _MISSING) is value:  # not one stored since
+        del d[key]
+    watch.v1 = None
+    watch.r1 = None
+    job: Reap = Reap.__new__(Reap)  # compiled, its tp_new: no __init__ call
+    job.registry = registry
+    job.value = value
+    job._owner = watch
+    job.claims = _NO_CLAIMS
+    job.orphan = True
+    job.warn = warn
+    job.reraise = False
+    job.done = False
+    hub = watch.hub() if watch.hub is not None else None
+    if hub is not None and hub is getcurrent():
+        # _cleanup.submit()'s usual case, inline: the owner's hub is running this, so
+        # its loop is alive and this is the owner's thread.
+        reaper = hub.__dict__.get("_greenscope_reaper")
+        if reaper is not None:
+            _pending.count += 1
+            hub_submit(reaper, job)
+            return
+    _submit(job, watch.thread, hub)
 
 
 def forget(registry, d):  # type: ignore[no-untyped-def]

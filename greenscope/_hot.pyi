@@ -1,20 +1,26 @@
 # Typing for _hot.py, which stays untyped so that Cython compiles it as plain Python
 # objects (annotations in a cclass would declare C fields).
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
     "Counts",
     "Flag",
+    "Reap",
     "RegistryHit",
     "ScopedHit",
+    "Tally",
     "Watch",
     "bind",
+    "bind_cleanup",
     "compiled",
+    "drain",
     "forget",
+    "hub_submit",
     "new_watch",
     "on_completion",
+    "run_job",
 ]
 
 compiled: bool
@@ -40,6 +46,26 @@ class Counts:
     failed: int
     timed_out: int
     def __init__(self, shut_down: bool = False) -> None: ...
+
+class Tally:
+    count: int
+
+class Reap:
+    registry: Any
+    value: Any
+    _owner: Any
+    claims: Sequence[Any]
+    orphan: bool
+    warn: bool
+    reraise: bool
+    done: bool
+    def __init__(
+        self, registry: Any, value: Any, owner: Any, orphan: bool, reraise: bool = False
+    ) -> None: ...
+    @property
+    def owner(self) -> str: ...
+    def cut(self) -> None: ...
+    def __call__(self) -> None: ...
 
 class Watch:
     ref: weakref.ref[Any]
@@ -70,7 +96,31 @@ def bind(
     debugging: Flag,
     watch_key: str,
     ordered: Flag,
+    changing: set[Any],
+    submit: Callable[[Any, int | None, Any | None], None],
+    warn_enabled: Callable[[int], bool],
+    claim: Callable[[list[Any]], list[Any]],
+    release: Callable[[list[Any]], None],
+    opened_dbapi: Callable[[Any], list[Any]],
+    close_value: Callable[[Any], None],
+    close_failed: Callable[[Any, Any, Any, BaseException], None],
+    close_deadline: type[BaseException],
+    reap_warn: Callable[[Reap], None],
+    reap_cut: Callable[[Reap], None],
+    claims_of: Callable[[Any], list[Any]],
 ) -> None: ...
+def bind_cleanup(
+    *,
+    pending: Tally,
+    generation: Tally,
+    watchdog: Any,
+    module: Any,
+    monotonic: Callable[[], float],
+    logger: Any,
+) -> None: ...
+def run_job(job: Any, on_cut: Callable[[Any], bool]) -> bool: ...
+def drain(jobs: Any, on_cut: Callable[[Any], bool]) -> bool: ...
+def hub_submit(reaper: Any, job: Any) -> None: ...
 def new_watch(g: Any) -> Any: ...
 def on_completion(g: Any) -> None: ...
 def forget(registry: Any, d: dict[str, Any]) -> None: ...

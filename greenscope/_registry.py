@@ -176,6 +176,7 @@ class _Shutdown:
 
 _shutdown = _Shutdown()
 
+_warn_enabled = logger.isEnabledFor  # cached by logging; reset when levels change
 _orphan_warnings = RateLimited(
     "orphaned Sessions", lambda: _cleanup.settings().orphan_warnings_per_minute
 )
@@ -331,9 +332,13 @@ class _Watch(_hot.Watch):
             self.how = " (killed)"
         else:
             self.how = " (finished)"
-        if logger.isEnabledFor(logging.WARNING):  # gevent makes Greenlet.name lazily: costly
+        if _warn_enabled(logging.WARNING):  # gevent makes Greenlet.name lazily: costly
             self.name = g.name
-        self.detach()
+        values = self.take()  # detach(), inline: once per orphan
+        if values:
+            hub = self.hub() if self.hub is not None else None
+            for registry, value in values:
+                _cleanup.submit(_Reap(registry, value, self, True), self.thread, hub)
 
     def _thread_ended(self) -> None:
         # In the ending thread, during its teardown: no I/O, no logging, must not raise.
@@ -343,12 +348,13 @@ class _Watch(_hot.Watch):
     def owner_hub(self) -> Any | None:
         return self.hub() if self.hub is not None else None
 
-    def take(self) -> dict[GreenletRegistry[Any], Any]:
+    def take(self) -> list[tuple[GreenletRegistry[Any], Any]]:
         """Unregister every value (from ``_LIVE``, the registries and the greenlet's dict
-        while it exists) and return them; empty if another caller took them first.
-        Any context: dict and set operations only, under ``_values_lock``."""
+        while it exists) and return them, (registry, value) pairs, one per registry;
+        empty if another caller took them first. Any context: dict and set operations
+        only, under ``_values_lock``."""
         if self not in _LIVE:
-            return {}  # the usual case, tested first and without the lock
+            return []  # the usual case, tested first and without the lock
         lock = _values_lock  # against the owner storing or clearing meanwhile
         lock.acquire()  # not ``with``: an orphan's path, and ``with`` costs twice as much
         try:
@@ -356,20 +362,20 @@ class _Watch(_hot.Watch):
                 # Its owner is changing it under this lock, switched out in this thread
                 # (a finalizer's gevent I/O, see the module's docstring): its values stay
                 # its own, closed when it ends, or by a later close_all().
-                return {}
+                return []
             try:
                 _LIVE.remove(self)  # the claim: the owner's clear claims it the same way
             except KeyError:
-                return {}  # another caller took them first
+                return []  # another caller took them first
             # The lock is re-entrant, so it does not keep out the owner if a greenlet
             # switch happens in here (a GC pass whose finalizer does gevent I/O, in
             # close_all()'s greenlet): the owner's locked changes find the watch in
             # _TAKING and leave it alone (see _create and _forget).
             _TAKING.add(self)
-            values = dict(self.items())
+            values = self.items()
             g = self.ref()
             d = g.__dict__ if g is not None else {}
-            for registry, value in values.items():
+            for registry, value in values:
                 registry._counts.live -= 1
                 if d.get(registry._key, _MISSING) is value:  # not one stored since
                     del d[registry._key]
@@ -390,7 +396,7 @@ class _Watch(_hot.Watch):
             return
         owner_thread = None if thread_gone else self.thread
         hub = None if thread_gone else self.owner_hub()
-        for registry, value in values.items():
+        for registry, value in values:
             _cleanup.submit(_Reap(registry, value, self, True), owner_thread, hub)
 
 
@@ -436,112 +442,80 @@ def _new_watch(g: RawGreenlet) -> _Watch:
     return watch
 
 
-class _Reap:
-    """A cleanup job: close one value, log, count. Runs where blocking is allowed.
+# A cleanup job: close one value, log, count; where blocking is allowed. All of it is
+# greenscope._hot.Reap's (compiled where possible) but what only a rare case needs:
+# a log line, a value that is not a Session, a cut. Those are these functions.
+_Reap = _hot.Reap
 
-    ``cut()`` is called by the cleanup watchdog, from its own thread, if the close
-    outlives its deadline: it shuts down the sockets of the connections the value's
-    Sessions opened, which makes the blocked close fail and invalidate them.
-    """
 
-    __slots__ = ("_owner", "claims", "done", "orphan", "registry", "reraise", "value")
+def _reap_warn(job: _Reap) -> None:
+    """The WARNING of an orphan's close (rate-limited)."""
+    owner = _Lazy(lambda: job.owner)
+    _orphan_warnings.warn(
+        owner,
+        "greenscope: closing %s left open by %s, which ended without remove(); "
+        "its transaction is rolled back. Call remove() when each unit of work "
+        "ends, or wrap it in greenscope.session_scope().",
+        type(job.value).__name__,
+        owner,
+    )
 
-    def __init__(
-        self,
-        registry: GreenletRegistry[Any],
-        value: Any,
-        owner: _Watch,
-        orphan: bool,
-        reraise: bool = False,
-    ) -> None:
-        self.registry = registry
-        self.value = value
-        self._owner = owner  # named only when a line is logged: naming costs microseconds
-        self.orphan = orphan
-        # Only a caller that asked for the close (close_all) gets a kill re-raised; a
-        # reaper never raises: it would kill the reaper or land in the hub.
-        self.reraise = reraise
-        self.claims: list[Any] = []
-        self.done = False
 
-    @property
-    def owner(self) -> str:
-        return self._owner.owner
+def _claims_of(value: Any) -> list[Any]:
+    """Claims on the connections of a value that is not a Session (a container)."""
+    return _cleanup.claim(
+        [c for s in sessions_in(value) for c in _opened_dbapi_connections(s.get_transaction())]
+    )
 
-    def __call__(self) -> None:
-        registry, value = self.registry, self.value
-        if self.orphan:
-            owner = _Lazy(lambda: self.owner)
-            _orphan_warnings.warn(
-                owner,
-                "greenscope: closing %s left open by %s, which ended without remove(); "
-                "its transaction is rolled back. Call remove() when each unit of work "
-                "ends, or wrap it in greenscope.session_scope().",
-                type(value).__name__,
-                owner,
-            )
-        # For cut(): the connections the close will release, claimed so that a cut can
-        # never reach one that is back in the pool (see _cleanup.claim).
-        self.claims = _cleanup.claim(
-            [c for s in sessions_in(value) for c in _opened_dbapi_connections(s.get_transaction())]
-        )
-        try:
-            exc = _close_counted(registry, value, _Lazy(lambda: f"of {self.owner}"), self.orphan)
-            if (
-                exc is not None
-                and self.reraise
-                and not isinstance(exc, (Exception, _cleanup.CloseDeadline))
-            ):
-                raise exc  # GreenletExit and the like, to close_all()'s caller
-        finally:
-            self.value = None
-            self.done = True
-            _cleanup.release(self.claims)
-            if self.orphan:
-                registry._counts.reaped += 1
-            else:
-                registry._counts.removed += 1
 
-    def cut(self) -> None:
-        """The close passed its deadline (the watchdog thread): cut its connections."""
-        registry = self.registry
-        registry._counts.timed_out += 1
-        cut = _cleanup.cut_claimed(self.claims)
-        what = (
-            f"shut down {cut} connection socket(s) from outside, so the close fails and "
-            "invalidates them (their pool slots are freed; the database rolls the "
-            "transaction back when it sees the connection go)"
-            if cut
-            else "found no connection socket to cut: the close stays blocked in its "
-            "worker until it returns"
-        )
-        logger.error(
-            "greenscope: closing %s of %s took longer than close_timeout=%ss; greenscope "
-            "stopped waiting and %s. No other close waits for it.",
-            type(self.value).__name__,
-            self.owner,
-            _cleanup.settings().close_timeout,
-            what,
-        )
+def _reap_cut(job: _Reap) -> None:
+    """The close passed its deadline (the watchdog thread): cut its connections.
+
+    Shuts down the sockets of the connections the value's Sessions opened and the job
+    claimed, which makes the blocked close fail and invalidate them."""
+    job.registry._counts.timed_out += 1
+    cut = _cleanup.cut_claimed(job.claims)
+    what = (
+        f"shut down {cut} connection socket(s) from outside, so the close fails and "
+        "invalidates them (their pool slots are freed; the database rolls the "
+        "transaction back when it sees the connection go)"
+        if cut
+        else "found no connection socket to cut: the close stays blocked in its "
+        "worker until it returns"
+    )
+    logger.error(
+        "greenscope: closing %s of %s took longer than close_timeout=%ss; greenscope "
+        "stopped waiting and %s. No other close waits for it.",
+        type(job.value).__name__,
+        job.owner,
+        _cleanup.settings().close_timeout,
+        what,
+    )
 
 
 def _close_counted(
-    registry: GreenletRegistry[Any], value: Any, which: object, orphan: bool = False
+    registry: GreenletRegistry[Any], value: Any, which: str
 ) -> BaseException | None:
     """Close ``value``; on failure log it with its traceback, count it, and return it."""
     try:
-        registry._close_one(value, orphan)
+        registry._close_one(value, False)
     except BaseException as exc:
-        registry._counts.failed += 1
-        logger.error(
-            "greenscope: closing %s %s failed; its connections were invalidated and it "
-            "was dropped",
-            type(value).__name__,
-            which,
-            exc_info=exc,
-        )
+        _close_failed(registry, value, which, exc)
         return exc
     return None
+
+
+def _close_failed(
+    registry: GreenletRegistry[Any], value: Any, which: str | _Reap, exc: BaseException
+) -> None:
+    """Count and log a close that failed; ``which`` says whose it was (or is its job)."""
+    registry._counts.failed += 1
+    logger.error(
+        "greenscope: closing %s %s failed; its connections were invalidated and it was dropped",
+        type(value).__name__,
+        which if isinstance(which, str) else f"of {which.owner}",
+        exc_info=exc,
+    )
 
 
 def _close_value(value: Any) -> None:
@@ -903,10 +877,9 @@ def _forget_inherited() -> None:
     _CHANGING.clear()
     kept: list[Any] = []
     for watch in list(_LIVE):
-        values = watch.take()
-        for registry in values:
+        for registry, value in watch.take():
             registry._counts.removed += 1
-        kept.extend(values.values())
+            kept.append(value)
     _cleanup.pin_forever(kept)
 
 
@@ -930,6 +903,18 @@ _hot.bind(
     debugging=_debug.debugging,
     watch_key=_WATCH_KEY,
     ordered=_ORDERED,
+    changing=_CHANGING,
+    submit=_cleanup.submit,
+    warn_enabled=_warn_enabled,
+    claim=_cleanup.claim,
+    release=_cleanup.release,
+    opened_dbapi=_opened_dbapi_connections,
+    close_value=_close_value,
+    close_failed=_close_failed,
+    close_deadline=_cleanup.CloseDeadline,
+    reap_warn=_reap_warn,
+    reap_cut=_reap_cut,
+    claims_of=_claims_of,
 )
 
 
@@ -1087,7 +1072,7 @@ def close_all(*, include_running: bool = True, shutdown: bool = True) -> int:
         g = watch.ref()
         if not include_running and g is not None and not g.dead and g is not me_greenlet:
             continue
-        for registry, value in watch.take().items():
+        for registry, value in watch.take():
             job = _Reap(registry, value, watch, False, reraise=True)
             total += 1
             if watch.thread == me:

@@ -140,6 +140,40 @@ def test_orphan_is_logged_naming_its_greenlet(
     assert "remove()" in record.getMessage()
 
 
+def test_orphan_warnings_follow_the_greenscope_loggers_level(
+    db: CountingEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An orphan's WARNING is logged only while the greenscope logger logs WARNINGs."""
+    Session = scoped(db)
+    logger = logging.getLogger("greenscope")
+
+    def orphan_logged() -> bool:
+        caplog.clear()
+        gevent.spawn(insert, Session, "orphan").join()
+        assert greenscope.wait_reaped(10)
+        return any("left open by" in r.getMessage() for r in caplog.records)
+
+    greenscope._registry._orphan_warnings.flush(force=True)  # a fresh rate-limit window
+    caplog.set_level(logging.WARNING, logger="greenscope")  # restored after the test
+    assert orphan_logged()
+    logger.setLevel(logging.ERROR)
+    assert not orphan_logged()
+    logger.setLevel(logging.WARNING)
+    assert orphan_logged()
+    logger.disabled = True
+    try:
+        assert not orphan_logged()
+    finally:
+        logger.disabled = False
+    logging.disable(logging.WARNING)
+    try:
+        assert not orphan_logged()
+    finally:
+        logging.disable(logging.NOTSET)
+    assert orphan_logged()
+    assert Session.registry.stats().reaped == 6  # type: ignore[attr-defined]
+
+
 def test_failing_close_is_logged_counted_and_forgotten(
     db: CountingEngine, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -490,8 +490,8 @@ def _owner_acts(owner_does: str, first: Any, second: Any) -> dict[Any, Any]:
 @pytest.mark.parametrize(
     "take_paused_at",
     [
-        "values = dict(self.items())",
-        "for registry, value in values.items():",
+        "values = self.items()",
+        "for registry, value in values:",
         "self.more = None",
     ],
     ids=["after its claim", "as it unregisters", "before it empties the watch"],
@@ -572,7 +572,7 @@ def test_the_owner_changing_its_values_waits_for_a_take_from_another_thread(
 )
 @pytest.mark.parametrize(
     "take_paused_at",
-    ["values = dict(self.items())", "for registry, value in values.items():", "self.more = None"],
+    ["values = self.items()", "for registry, value in values:", "self.more = None"],
     ids=["after its claim", "as it unregisters", "before it empties the watch"],
 )
 @pytest.mark.parametrize("ordered", [True, False], ids=["GIL", "locks only"])
@@ -873,7 +873,7 @@ def test_a_store_switched_out_before_its_watch_is_read_stores_into_the_current_o
     monkeypatch.setattr(_registry, "_debug", Hook)
     tracer = _switch_inside(
         _registry._Watch.take,
-        "for registry, value in values.items():",
+        "for registry, value in values:",
         greenlets,
         "taker",
         "owner",
