@@ -341,10 +341,6 @@ class Reap:
         registry = self.registry
         value = self.value
         orphan: cython.bint = self.orphan
-        # ``warn``: an orphan whose WARNING was on when its greenlet ended (or, made in
-        # Python, any orphan); logged if it still is.
-        if self.warn and _warnings_on():
-            _reap_warn(self)
         # For cut(): the connections the close will release, claimed so that a cut can
         # never reach one that is back in the pool (greenscope._cleanup.claim). A Session
         # that never began a transaction holds none: the usual orphan. (_transaction is
@@ -375,6 +371,12 @@ class Reap:
             except BaseException as e:
                 exc = e
                 _close_failed(registry, value, self, e)
+            # After the close: a log handler's I/O never delays it, and a handler still
+            # blocked at the deadline (cut there, in a hub) costs the line, not the close.
+            # ``warn``: an orphan whose WARNING was on when its greenlet ended (or, made
+            # in Python, any orphan); logged if it still is.
+            if self.warn and _warnings_on():
+                _reap_warn(self)
             if (
                 exc is not None
                 and self.reraise

@@ -240,6 +240,42 @@ def test_orphans_close_concurrently_up_to_the_limit() -> None:
         greenscope.configure_cleanup(max_concurrent_closes=previous.max_concurrent_closes)
 
 
+class _BlockingHandler(logging.Handler):
+    """A log handler that does gevent I/O for each orphan WARNING: it waits for ``go``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.go = gevent.event.Event()
+        self.blocked = gevent.event.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "left open by" in record.getMessage():
+            self.blocked.set()
+            self.go.wait(10)
+
+
+def test_a_blocked_log_handler_never_delays_an_orphans_close(
+    Session: Scoped, sqlite_db: CountingEngine
+) -> None:
+    """An orphan's connection is back in the pool while its WARNING's handler still blocks."""
+    handler = _BlockingHandler()
+    logger = logging.getLogger("greenscope")
+    logger.addHandler(handler)
+    try:
+        greenscope._registry._orphan_warnings.flush(force=True)  # a fresh rate-limit window
+        gevent.spawn(insert, Session, "orphan").join()  # its connection is checked out
+        assert handler.blocked.wait(5)
+        assert sqlite_db.checkedout() == 0
+        assert sqlite_db.count_rows() == 0, "the orphan's transaction was rolled back"
+        handler.go.set()
+        assert greenscope.wait_reaped(5)
+    finally:
+        handler.go.set()
+        logger.removeHandler(handler)
+    stats = Session.registry.stats()  # type: ignore[attr-defined]
+    assert (stats.reaped, stats.live, stats.failed) == (1, 0, 0)
+
+
 # -- 2. a native thread that used gevent --------------------------------------------------------
 
 
