@@ -878,10 +878,9 @@ def submit(job: Job, owner_thread: int | None, owner_hub: Any | None) -> None:
     if owner_thread is not None:
         if get_ident() == owner_thread:
             # The hub may have been created after the value was registered.
-            hub = _get_hub_if_exists() if _get_hub_if_exists is not None else None
+            hub = hub_if_exists()
             if hub is not None and _loop_alive(hub):
-                reaper = hub.__dict__.get("_greenscope_reaper") or _hub_reaper(hub)
-                reaper.submit(job)
+                _hub_reaper(hub).submit(job)
                 return
         elif owner_hub is not None and _loop_alive(owner_hub):
             _hub_reaper(owner_hub).submit_threadsafe(job)

@@ -76,6 +76,7 @@ __all__ = [
     "hub_submit",
     "new_watch",
     "on_completion",
+    "record_end",
     "run_job",
 ]
 
@@ -667,6 +668,22 @@ def on_completion(g):  # type: ignore[no-untyped-def]
         watch._completed(g)
 
 
+@cython.ccall
+def record_end(watch: Watch, g) -> cython.bint:  # type: ignore[no-untyped-def]
+    """Note on ``watch`` how its gevent.Greenlet ``g`` ended, for log lines; return
+    whether WARNINGs are on (then its name is noted too). In the hub: no I/O."""
+    if g.exception is not None:
+        watch.how = " (raised)"
+    elif isinstance(g.value, BaseException):  # killed: successful() with GreenletExit
+        watch.how = " (killed)"
+    else:
+        watch.how = " (finished)"
+    warn: cython.bint = _warnings_on()
+    if warn:  # gevent makes Greenlet.name lazily: only for a log line
+        watch.name = g.name
+    return warn
+
+
 @cython.cfunc
 def _orphaned(watch: Watch, g, d):  # type: ignore[no-untyped-def]
     """_Watch._completed() for a watch holding one registry's value, with the GIL.
@@ -680,15 +697,7 @@ def _orphaned(watch: Watch, g, d):  # type: ignore[no-untyped-def]
     watch is read only once claimed. Nothing here frees an object, so no finalizer runs
     in between.
     """
-    if g.exception is not None:
-        watch.how = " (raised)"
-    elif isinstance(g.value, BaseException):  # killed: successful() with GreenletExit
-        watch.how = " (killed)"
-    else:
-        watch.how = " (finished)"
-    warn: cython.bint = _warnings_on()
-    if warn:  # gevent makes Greenlet.name lazily: only for a log line
-        watch.name = g.name
+    warn: cython.bint = record_end(watch, g)
     try:
         _live.remove(watch)
     except KeyError:

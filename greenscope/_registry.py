@@ -326,14 +326,7 @@ class _Watch(_hot.Watch):
     def _completed(self, g: Any) -> None:
         # In the hub: no I/O, no logging, must not raise. Only for a watch that holds
         # values (_on_completion tests that).
-        if g.exception is not None:
-            self.how = " (raised)"
-        elif isinstance(g.value, BaseException):  # killed: successful() with GreenletExit
-            self.how = " (killed)"
-        else:
-            self.how = " (finished)"
-        if _warn_enabled(logging.WARNING):  # gevent makes Greenlet.name lazily: costly
-            self.name = g.name
+        _hot.record_end(self, g)
         values = self.take()  # detach(), inline: once per orphan
         if values:
             hub = self.hub() if self.hub is not None else None
