@@ -57,7 +57,6 @@ import _thread
 import contextlib
 import logging
 import os
-import sys
 import time
 import weakref
 from collections import deque
@@ -208,6 +207,7 @@ def configure_cleanup(
             )
         new = replace(new, orphan_warnings_per_minute=n)
     previous, _settings = _settings, new
+    _hot.bind_settings(new.close_timeout, new.max_concurrent_closes)
     return previous
 
 
@@ -257,7 +257,7 @@ def pending() -> int:
     return _pending.count
 
 
-class _Watchdog:
+class _Watchdog(_hot.WatchTable):
     """One daemon OS thread: cuts jobs past their deadline; rescues destroyed hubs' jobs.
 
     Started by :func:`prepare` in ordinary code. It wakes at the earliest deadline, or
@@ -272,6 +272,7 @@ class _Watchdog:
     GIL and on free-threaded builds alike), so neither path takes a lock: they are paid
     once per close. ``on_cut(job)`` runs in the watchdog thread after the job's sockets
     were shut down. A job object runs at most once at a time (each is made for one close).
+    ``running`` and ``sleep_until`` are :class:`greenscope._hot.WatchTable`'s fields.
     """
 
     def __init__(self) -> None:
@@ -392,21 +393,23 @@ _run_job = _hot.run_job
 # -- hubs -----------------------------------------------------------------------------------
 
 
-class _HubReaper:
+class _HubReaper(_hot.HubQueue):
     """Runs jobs in up to N greenlets of one hub's thread. One per hub, stored on the hub.
 
     ``submit`` may run in the hub, in a GC callback or in any greenlet of the hub's
     thread: it only appends and schedules a loop callback. Job greenlets are started
     from that callback (in the hub), each drains the queue until it is empty. ``running``
     counts greenlets holding a slot; a greenlet whose job was cut gives its slot up at
-    the cut and ends when its job returns.
+    the cut and ends when its job returns. The fields are
+    :class:`greenscope._hot.HubQueue`'s.
     """
 
-    __slots__ = ("__weakref__", "fill_scheduled", "hub", "jobs", "running")
+    __slots__ = ("__weakref__",)
 
     def __init__(self, hub: Any) -> None:
         self.hub = hub
-        self.jobs: deque[Job] = deque()
+        jobs: deque[Job] = deque()
+        self.jobs, self.put, self.take = jobs, jobs.append, jobs.popleft
         self.running = 0
         self.fill_scheduled = False  # read and written in the hub's thread only
         _hub_reapers.add(self)
@@ -453,7 +456,7 @@ class _HubReaper:
             return True
 
         try:
-            if not _hot.drain(self.jobs, on_cut):
+            if not _hot.drain(self, on_cut):
                 holds_slot = False  # the slot went to another greenlet at the cut
         finally:
             if holds_slot:
@@ -858,10 +861,10 @@ _hot.bind_cleanup(
     pending=_pending,
     generation=_generation,
     watchdog=_watchdog,
-    module=sys.modules[__name__],
     monotonic=_monotonic,
     logger=logger,
 )
+_hot.bind_settings(_settings.close_timeout, _settings.max_concurrent_closes)
 
 
 # -- entry points --------------------------------------------------------------------------

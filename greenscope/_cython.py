@@ -15,6 +15,8 @@ _F = TypeVar("_F")
 compiled = False
 #: The C type names ``_hot`` declares at module level (the rest sit in compiled branches).
 bint = bool
+double = float
+Py_ssize_t = int
 
 
 def cclass(cls: _C) -> _C:
@@ -29,6 +31,11 @@ def declare(kind: object, value: _V) -> _V:
 
 def cfunc(func: _F) -> _F:
     """Leave the function as written (Cython would make it a C function)."""
+    return func
+
+
+def inline(func: _F) -> _F:
+    """Leave the function as written (Cython would inline the C function)."""
     return func
 
 

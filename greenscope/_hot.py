@@ -57,19 +57,26 @@ from weakref import ref as _weakref
 
 from greenlet import getcurrent
 
-if cython.compiled:  # the C API's own: no type call (compiled, this import is a cimport)
-    from cython.cimports.cpython.weakref import PyWeakref_NewRef
+if cython.compiled:  # the C API's own: no type call (compiled, these imports are cimports)
+    from cython.cimports.cpython.object import PyObject, PyObject_GenericGetDict
+    from cython.cimports.cpython.ref import Py_XDECREF
+    from cython.cimports.cpython.set import PySet_Discard
+    from cython.cimports.cpython.time import monotonic as _clock
+    from cython.cimports.cpython.weakref import PyWeakref_GetRef, PyWeakref_NewRef
 
 __all__ = [
     "Counts",
     "Flag",
+    "HubQueue",
     "Reap",
     "RegistryHit",
     "ScopedHit",
     "Tally",
     "Watch",
+    "WatchTable",
     "bind",
     "bind_cleanup",
+    "bind_settings",
     "compiled",
     "drain",
     "forget",
@@ -89,6 +96,48 @@ _MISSING = cython.declare(object, object())
 _NO_CLAIMS = cython.declare(tuple, ())
 
 
+@cython.cfunc
+@cython.inline
+def _dict_of(g):  # type: ignore[no-untyped-def]
+    """``g.__dict__`` for a greenlet ``g``. Compiled, read through the type's dict
+    offset, where greenlet keeps it (``PyObject_GenericGetDict``: the same dict, made if
+    there is none yet, as greenlet's own getter does): an attribute lookup from C goes
+    through the generic protocol, which cost more than the rest of a hit."""
+    if cython.compiled:
+        return PyObject_GenericGetDict(g, cython.NULL)
+    return g.__dict__
+
+
+@cython.cfunc
+@cython.inline
+def _deref(ref):  # type: ignore[no-untyped-def]
+    """``ref()`` for a weakref ``ref``: its referent, or None. Compiled, the C API's
+    ``PyWeakref_GetRef``: calling a weakref from C goes through the generic call."""
+    if cython.compiled:
+        found = cython.declare(cython.pointer(PyObject), cython.NULL)
+        if PyWeakref_GetRef(ref, cython.address(found)) and found != cython.NULL:
+            obj = cython.cast(object, found)  # a reference of its own
+            Py_XDECREF(found)  # the one PyWeakref_GetRef gave
+            return obj
+        return None
+    return ref()
+
+
+@cython.cfunc
+@cython.inline
+def _take_live(watch) -> cython.bint:  # type: ignore[no-untyped-def]
+    """Take ``watch`` out of _live; False if it was not there (another claim got it
+    first). The claim of every path that lets go of a watch's values: one atomic set
+    operation (``PySet_Discard`` compiled, which raises no KeyError to catch)."""
+    if cython.compiled:
+        return PySet_Discard(_live, watch)
+    try:
+        _live.remove(watch)
+    except KeyError:
+        return False
+    return True
+
+
 @cython.cclass
 class RegistryHit:
     """``registry()``: the current greenlet's value, else the subclass's ``_create()``."""
@@ -102,7 +151,7 @@ class RegistryHit:
             # exact dict: a dict subclass assigned to the greenlet's __dict__ takes the
             # generic path below instead of a TypeError.
             g = getcurrent()
-            found = g.__dict__
+            found = _dict_of(g)
             if type(found) is dict:
                 d: dict = found  # type: ignore[type-arg]
                 key = self._key
@@ -132,7 +181,7 @@ class ScopedHit:
     def __call__(self, **kw):  # type: ignore[no-untyped-def]
         if not kw:
             if cython.compiled:  # as in RegistryHit
-                found = getcurrent().__dict__
+                found = _dict_of(getcurrent())
                 if type(found) is dict:
                     d: dict = found  # type: ignore[type-arg]
                     value = d.get(self._greenscope_key, _MISSING)
@@ -155,7 +204,7 @@ class ScopedHit:
         has no ``try/finally`` and would hand out the half-closed ``Session`` again.
         """
         registry = self.registry
-        found = getcurrent().__dict__
+        found = _dict_of(getcurrent())
         # The usual case here: a GreenletRegistry of greenscope's own and a Session.
         # Anything else (another registry, a subclass's clear(), debug mode, a value
         # that is not a Session) is _greenscope_remove()'s, with the same semantics.
@@ -202,10 +251,17 @@ class Flag:
 class Counts:
     """A GreenletRegistry's counters (see greenscope.RegistryStats; ``live``: watches
     holding one of its values) and whether close_all() shut it down: C fields compiled,
-    which greenscope._hot's paths change without the generic attribute protocol."""
+    which greenscope._hot's paths change without the generic attribute protocol.
+
+    It also carries what those paths read of the registry, so that a registry's
+    attributes are read once per path, not once each: ``key`` (the registry's
+    ``_key``) and ``default_close`` (its ``close`` is greenscope's own, which Reap runs
+    inline). Both are set once, by GreenletRegistry.__init__, and never change."""
 
     if cython.compiled:
         shut_down = cython.declare(cython.bint, visibility="public")
+        default_close = cython.declare(cython.bint, visibility="public")
+        key = cython.declare(object, visibility="public")
         live = cython.declare(cython.Py_ssize_t, visibility="public")
         created = cython.declare(cython.Py_ssize_t, visibility="public")
         removed = cython.declare(cython.Py_ssize_t, visibility="public")
@@ -213,16 +269,29 @@ class Counts:
         failed = cython.declare(cython.Py_ssize_t, visibility="public")
         timed_out = cython.declare(cython.Py_ssize_t, visibility="public")
     else:
-        __slots__ = ("created", "failed", "live", "reaped", "removed", "shut_down", "timed_out")
+        __slots__ = (
+            "created",
+            "default_close",
+            "failed",
+            "key",
+            "live",
+            "reaped",
+            "removed",
+            "shut_down",
+            "timed_out",
+        )
 
     def __init__(self, shut_down: bool = False) -> None:
         self.shut_down = shut_down
+        self.default_close = False
+        self.key = None
         self.live = self.created = self.removed = self.reaped = self.failed = 0
         self.timed_out = 0
 
     def __copy__(self):  # type: ignore[no-untyped-def]
         # copy.copy() and deepcopy() of a registry (an extension type has no pickling)
         other = Counts(self.shut_down)
+        other.default_close, other.key = self.default_close, self.key
         other.live, other.created, other.removed = self.live, self.created, self.removed
         other.reaped, other.failed, other.timed_out = self.reaped, self.failed, self.timed_out
         return other
@@ -298,6 +367,7 @@ class Reap:
 
     if cython.compiled:
         registry = cython.declare(object, visibility="public")
+        counts = cython.declare(Counts, visibility="public")  # the registry's _counts
         value = cython.declare(object, visibility="public")
         _owner = cython.declare(object, visibility="public")
         claims = cython.declare(object, visibility="public")
@@ -309,6 +379,7 @@ class Reap:
         __slots__ = (
             "_owner",
             "claims",
+            "counts",
             "done",
             "orphan",
             "registry",
@@ -319,6 +390,7 @@ class Reap:
 
     def __init__(self, registry, value, owner, orphan, reraise=False):  # type: ignore[no-untyped-def]
         self.registry = registry
+        self.counts = registry._counts
         self.value = value
         self._owner = owner  # a watch, named only when a line is logged: naming costs
         self.orphan = orphan
@@ -340,6 +412,7 @@ class Reap:
 
     def __call__(self):  # type: ignore[no-untyped-def]
         registry = self.registry
+        n: Counts = self.counts
         value = self.value
         orphan: cython.bint = self.orphan
         # For cut(): the connections the close will release, claimed so that a cut can
@@ -358,8 +431,8 @@ class Reap:
             try:
                 if (
                     session
+                    and n.default_close
                     and type(registry) is _registry_type
-                    and registry._close is _close_value
                     and not _debugging.done
                 ):
                     try:  # close_or_release, inline
@@ -389,7 +462,6 @@ class Reap:
             self.done = True
             if claims:
                 _release(claims)
-            n: Counts = registry._counts
             if orphan:
                 n.reaped += 1
             else:
@@ -411,6 +483,43 @@ class Tally:
 
     def __init__(self) -> None:
         self.count = 0
+
+
+@cython.cclass
+class WatchTable:
+    """The fields of greenscope._cleanup's watchdog that every job reads (``_Watchdog``
+    adds the logic and the claim protocol): ``running``, each running job's deadline and
+    ``on_cut``, and ``sleep_until``, when the watchdog wakes next. C fields compiled:
+    :func:`run_job` reads them once per close. ``sleep_until`` is written by the watchdog
+    thread and read by any: with the GIL, whole; on free-threaded builds an aligned C
+    double, as a Python float's pointer would be."""
+
+    if cython.compiled:
+        running = cython.declare(dict, visibility="public")
+        sleep_until = cython.declare(cython.double, visibility="public")
+    else:
+        __slots__ = ("running", "sleep_until")
+
+
+@cython.cclass
+class HubQueue:
+    """The fields of a hub's reaper (greenscope._cleanup._HubReaper adds the logic):
+    C fields compiled, which :func:`hub_submit` and :func:`drain` read once per orphan.
+
+    ``jobs`` is a deque; ``put`` and ``take`` are its ``append`` and ``popleft``, bound
+    once: a method call from C looks the method up each time. ``running``: greenlets
+    holding a slot; ``fill_scheduled``: a ``_fill`` is queued in the loop. Both are read
+    and written in the hub's thread only."""
+
+    if cython.compiled:
+        hub = cython.declare(object, visibility="public")
+        jobs = cython.declare(object, visibility="public")
+        put = cython.declare(object, visibility="public")
+        take = cython.declare(object, visibility="public")
+        running = cython.declare(cython.Py_ssize_t, visibility="public")
+        fill_scheduled = cython.declare(cython.bint, visibility="public")
+    else:
+        __slots__ = ("fill_scheduled", "hub", "jobs", "put", "running", "take")
 
 
 # What greenscope._registry hands over at import (bind()): compiled, C globals read
@@ -436,14 +545,15 @@ _warn_enabled = cython.declare(object, None)  # the greenscope logger's isEnable
 _claim = cython.declare(object, None)  # _cleanup.claim
 _release = cython.declare(object, None)  # _cleanup.release
 _opened_dbapi = cython.declare(object, None)  # _registry._opened_dbapi_connections
-_close_value = cython.declare(object, None)  # _registry._close_value: the default close
 _close_failed = cython.declare(object, None)  # _registry._close_failed: count and log
 _close_deadline = cython.declare(object, None)  # _cleanup.CloseDeadline
 # What greenscope._cleanup hands over at import (bind_cleanup()).
 _pending = cython.declare(Tally, Tally())  # jobs submitted, not finished or cut yet
 _generation = cython.declare(Tally, Tally())  # bumped in a forked child
-_watchdog = cython.declare(object, None)
-_cleanup = cython.declare(object, None)  # the module: _settings is replaced when changed
+_watchdog = cython.declare(WatchTable, WatchTable())  # _cleanup._watchdog
+# _cleanup's settings that jobs read (bind_settings(), whenever they change).
+_close_timeout = cython.declare(cython.double, 10.0)
+_max_closes = cython.declare(cython.Py_ssize_t, 8)
 _monotonic = cython.declare(object, None)
 _logger = cython.declare(object, None)  # the greenscope logger
 _log_cache = cython.declare(object, None)  # its Logger._cache, where it has one (a dict)
@@ -451,6 +561,8 @@ _log_cache = cython.declare(object, None)  # its Logger._cache, where it has one
 # while a greenlet's hub is that one, so is its thread. One object, read and written
 # whole: two globals could be read half updated by another thread.
 _last_hub = cython.declare(tuple, (None, 0))
+# (that hub's weakref, a weakref to its reaper): see _reaper_of.
+_last_reaper = cython.declare(tuple, (None, None))
 
 
 def bind(  # type: ignore[no-untyped-def]
@@ -473,7 +585,6 @@ def bind(  # type: ignore[no-untyped-def]
     claim,
     release,
     opened_dbapi,
-    close_value,
     close_failed,
     close_deadline,
     reap_warn,
@@ -484,12 +595,12 @@ def bind(  # type: ignore[no-untyped-def]
     global _live, _watch_type, _registry_type, _session_type, _invalidate_opened
     global _gevent_greenlet, _get_hub, _get_ident, _prepared, _debugging
     global _watch_key, _ordered, _changing, _submit, _warn_enabled
-    global _claim, _release, _opened_dbapi, _close_value, _close_failed, _close_deadline
+    global _claim, _release, _opened_dbapi, _close_failed, _close_deadline
     global _reap_warn, _reap_cut, _claims_of
     _changing, _submit, _warn_enabled = changing, submit, warn_enabled
     _reap_warn, _reap_cut, _claims_of = reap_warn, reap_cut, claims_of
     _claim, _release, _opened_dbapi = claim, release, opened_dbapi
-    _close_value, _close_failed, _close_deadline = close_value, close_failed, close_deadline
+    _close_failed, _close_deadline = close_failed, close_deadline
     _live, _watch_type = live, watch_type
     _registry_type, _session_type = registry_type, session_type
     _invalidate_opened, _gevent_greenlet, _get_hub, _get_ident = (
@@ -501,14 +612,20 @@ def bind(  # type: ignore[no-untyped-def]
     _prepared, _debugging, _watch_key, _ordered = prepared, debugging, watch_key, ordered
 
 
-def bind_cleanup(*, pending, generation, watchdog, module, monotonic, logger):  # type: ignore[no-untyped-def]
+def bind_cleanup(*, pending, generation, watchdog, monotonic, logger):  # type: ignore[no-untyped-def]
     """Hand this module what greenscope._cleanup's paths here need (once, at import)."""
-    global _pending, _generation, _watchdog, _cleanup, _monotonic, _logger
+    global _pending, _generation, _watchdog, _monotonic, _logger
     global _log_cache  # noqa: PLW0603 - bound once, at import
     _pending, _generation, _watchdog = pending, generation, watchdog
-    _cleanup, _monotonic, _logger = module, monotonic, logger
+    _monotonic, _logger = monotonic, logger
     cache = getattr(logger, "_cache", None)
     _log_cache = cache if type(cache) is dict else None
+
+
+def bind_settings(close_timeout, max_concurrent_closes):  # type: ignore[no-untyped-def]
+    """Hand this module the cleanup settings jobs read (at import, and on each change)."""
+    global _close_timeout, _max_closes
+    _close_timeout, _max_closes = close_timeout, max_concurrent_closes
 
 
 @cython.ccall
@@ -522,7 +639,9 @@ def run_job(job, on_cut) -> cython.bint:  # type: ignore[no-untyped-def]
     the hub or another greenlet.
     """
     generation = _generation.count
-    deadline = _monotonic() + _cleanup._settings.close_timeout
+    # Compiled, time.monotonic()'s own clock read in C (Cython's cpython.time): no call.
+    now: cython.double = _clock() if cython.compiled else _monotonic()
+    deadline: cython.double = now + _close_timeout
     running: dict = _watchdog.running  # type: ignore[type-arg]
     running[job] = (deadline, on_cut)
     if deadline < _watchdog.sleep_until:  # as _Watchdog.start() does, inline
@@ -545,23 +664,23 @@ def run_job(job, on_cut) -> cython.bint:  # type: ignore[no-untyped-def]
 
 
 @cython.ccall
-def drain(jobs, on_cut) -> cython.bint:  # type: ignore[no-untyped-def]
-    """Run the jobs of a hub reaper's queue ``jobs`` until it is empty (True), or until
-    one is cut at its deadline (False: this greenlet's slot went to another)."""
-    while jobs:
-        if not run_job(jobs.popleft(), on_cut):
+def drain(reaper: HubQueue, on_cut) -> cython.bint:  # type: ignore[no-untyped-def]
+    """Run the jobs of a hub reaper's queue until it is empty (True), or until one is
+    cut at its deadline (False: this greenlet's slot went to another)."""
+    while reaper.jobs:
+        if not run_job(reaper.take(), on_cut):
             return False
     return True
 
 
 @cython.ccall
-def hub_submit(reaper, job):  # type: ignore[no-untyped-def]
+def hub_submit(reaper: HubQueue, job):  # type: ignore[no-untyped-def]
     """``_HubReaper.submit``: queue ``job`` and make sure a job greenlet will run it.
 
     In the hub, a GC callback or any greenlet of the hub's thread: ``deque.append`` is
     atomic, and ``fill_scheduled`` is only ever read and written in that thread."""
-    reaper.jobs.append(job)
-    if not reaper.fill_scheduled and reaper.running < _cleanup._settings.max_concurrent_closes:
+    reaper.put(job)
+    if not reaper.fill_scheduled and reaper.running < _max_closes:
         reaper.fill_scheduled = True
         reaper.hub.loop.run_callback(reaper._fill)
 
@@ -570,8 +689,13 @@ def hub_submit(reaper, job):  # type: ignore[no-untyped-def]
 def _warnings_on() -> cython.bint:
     """Whether the greenscope logger logs WARNINGs: ``isEnabledFor(WARNING)``, reading
     the answer logging caches (``Logger._cache``, cleared whenever levels change) before
-    calling it: a Python call per orphan, otherwise."""
-    if _log_cache is not None and not _logger.disabled:
+    calling it: a Python call per orphan, otherwise.
+
+    ``Logger.disabled`` (which ``logging.config`` sets) is not read here: it is an
+    attribute lookup per orphan, and the cache cannot make a line appear. A logger
+    disabled after its cache was filled makes this answer True, and the line is then
+    dropped by the logging call itself, after a little work for nothing."""
+    if _log_cache is not None:
         found = cython.cast(dict, _log_cache).get(30)  # logging.WARNING
         if found is not None:
             return found
@@ -626,7 +750,7 @@ def new_watch(g):  # type: ignore[no-untyped-def]
     # a free-threaded build could release the old tuple twice from two threads at once.
     last = _last_hub if _ordered.done else (None, 0)
     ref = last[0]
-    if ref is None or ref() is not hub:
+    if ref is None or _deref(ref) is not hub:
         if hub is None or hub is not _get_hub():
             return None
         last = (_weakref(hub), _get_ident())
@@ -656,7 +780,7 @@ def on_completion(g):  # type: ignore[no-untyped-def]
     Most greenlets removed their values already: that case is tested here. The usual
     orphan (one registry's value, with the GIL) is handed to cleanup here; any other goes
     to ``_Watch._completed``."""
-    found = g.__dict__
+    found = _dict_of(g)
     watch: Watch = (
         cython.cast(dict, found).get(_watch_key) if type(found) is dict else found.get(_watch_key)
     )
@@ -698,21 +822,24 @@ def _orphaned(watch: Watch, g, d):  # type: ignore[no-untyped-def]
     in between.
     """
     warn: cython.bint = record_end(watch, g)
-    try:
-        _live.remove(watch)
-    except KeyError:
+    if not _take_live(watch):
         return  # another take() got it first
     registry = watch.r1
     value = watch.v1
     n: Counts = registry._counts
     n.live -= 1
-    key = registry._key
-    if d.get(key, _MISSING) is value:  # not one stored since
+    key = n.key
+    if type(d) is dict:  # the greenlet's own: typed, one C call each
+        exact: dict = d  # type: ignore[type-arg]
+        if exact.get(key, _MISSING) is value:  # not one stored since
+            del exact[key]
+    elif d.get(key, _MISSING) is value:
         del d[key]
     watch.v1 = None
     watch.r1 = None
     job: Reap = Reap.__new__(Reap)  # compiled, its tp_new: no __init__ call
     job.registry = registry
+    job.counts = n
     job.value = value
     job._owner = watch
     job.claims = _NO_CLAIMS
@@ -720,16 +847,34 @@ def _orphaned(watch: Watch, g, d):  # type: ignore[no-untyped-def]
     job.warn = warn
     job.reraise = False
     job.done = False
-    hub = watch.hub() if watch.hub is not None else None
+    hubref = watch.hub
+    hub = _deref(hubref) if hubref is not None else None
     if hub is not None and hub is getcurrent():
         # _cleanup.submit()'s usual case, inline: the owner's hub is running this, so
         # its loop is alive and this is the owner's thread.
-        reaper = hub.__dict__.get("_greenscope_reaper")
+        reaper = _reaper_of(hub, hubref)
         if reaper is not None:
             _pending.count += 1
             hub_submit(reaper, job)
             return
     _submit(job, watch.thread, hub)
+
+
+@cython.cfunc
+def _reaper_of(hub, hubref):  # type: ignore[no-untyped-def]
+    """The reaper of ``hub`` (the current one; ``hubref`` its weakref, as watches hold
+    it), or None if it has none yet. The last one found is cached (weakly, as a pair
+    read and written whole), as _last_hub is: a hub's __dict__ is an attribute lookup."""
+    global _last_reaper  # noqa: PLW0603
+    last = _last_reaper
+    if last[0] is hubref and _ordered.done:  # a weakref without a callback is shared
+        reaper = _deref(last[1])
+        if reaper is not None:
+            return reaper
+    reaper = hub.__dict__.get("_greenscope_reaper")
+    if reaper is not None and _ordered.done:
+        _last_reaper = (hubref, _weakref(reaper))
+    return reaper
 
 
 def forget(registry, d):  # type: ignore[no-untyped-def]
@@ -758,9 +903,7 @@ def _forget(registry, d, key):  # type: ignore[no-untyped-def]
     # The watch holds every stored value; if it no longer holds this one, a take()
     # elsewhere (close_all) got it first, and counts it as it closes it.
     if _ordered.done and watch.r1 is registry and not watch.more:  # its only value: inline
-        try:
-            _live.remove(watch)  # the claim, without the lock: take() claims so too
-        except KeyError:
+        if not _take_live(watch):  # the claim, without the lock: take() claims so too
             return
         watch.r1 = None
         watch.v1 = None

@@ -7,13 +7,16 @@ from typing import Any
 __all__ = [
     "Counts",
     "Flag",
+    "HubQueue",
     "Reap",
     "RegistryHit",
     "ScopedHit",
     "Tally",
     "Watch",
+    "WatchTable",
     "bind",
     "bind_cleanup",
+    "bind_settings",
     "compiled",
     "drain",
     "forget",
@@ -40,6 +43,8 @@ class Flag:
 
 class Counts:
     shut_down: bool
+    default_close: bool
+    key: str | None
     live: int
     created: int
     removed: int
@@ -51,8 +56,21 @@ class Counts:
 class Tally:
     count: int
 
+class WatchTable:
+    running: dict[Any, tuple[float, Callable[[Any], bool]]]
+    sleep_until: float
+
+class HubQueue:
+    hub: Any
+    jobs: Any
+    put: Callable[[Any], None]
+    take: Callable[[], Any]
+    running: int
+    fill_scheduled: bool
+
 class Reap:
     registry: Any
+    counts: Counts
     value: Any
     _owner: Any
     claims: Sequence[Any]
@@ -103,7 +121,6 @@ def bind(
     claim: Callable[[list[Any]], list[Any]],
     release: Callable[[list[Any]], None],
     opened_dbapi: Callable[[Any], list[Any]],
-    close_value: Callable[[Any], None],
     close_failed: Callable[[Any, Any, Any, BaseException], None],
     close_deadline: type[BaseException],
     reap_warn: Callable[[Reap], None],
@@ -114,15 +131,15 @@ def bind_cleanup(
     *,
     pending: Tally,
     generation: Tally,
-    watchdog: Any,
-    module: Any,
+    watchdog: WatchTable,
     monotonic: Callable[[], float],
     logger: Any,
 ) -> None: ...
+def bind_settings(close_timeout: float, max_concurrent_closes: int) -> None: ...
 def record_end(watch: Watch, g: Any) -> bool: ...
 def run_job(job: Any, on_cut: Callable[[Any], bool]) -> bool: ...
-def drain(jobs: Any, on_cut: Callable[[Any], bool]) -> bool: ...
-def hub_submit(reaper: Any, job: Any) -> None: ...
+def drain(reaper: HubQueue, on_cut: Callable[[Any], bool]) -> bool: ...
+def hub_submit(reaper: HubQueue, job: Any) -> None: ...
 def new_watch(g: Any) -> Any: ...
 def on_completion(g: Any) -> None: ...
 def forget(registry: Any, d: dict[str, Any]) -> None: ...

@@ -675,7 +675,9 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
         self._key = f"greenscope:{next(_keys)}"
         # The counters (live: watches holding a value of this registry) and whether
         # close_all() shut greenscope down already: C fields, for greenscope._hot.
-        self._counts = _hot.Counts(_shutdown.active)
+        counts = self._counts = _hot.Counts(_shutdown.active)
+        counts.key = self._key
+        counts.default_close = close is _close_value
         self.request_scoped = True
         _REGISTRIES.add(self)
         for engine in _engines.engines_of(createfunc):  # the engine guard, by default
@@ -902,7 +904,6 @@ _hot.bind(
     claim=_cleanup.claim,
     release=_cleanup.release,
     opened_dbapi=_opened_dbapi_connections,
-    close_value=_close_value,
     close_failed=_close_failed,
     close_deadline=_cleanup.CloseDeadline,
     reap_warn=_reap_warn,

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import inspect
 import os
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
+import gevent
 import pytest
 from greenlet import greenlet as RawGreenlet
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,7 +21,7 @@ from sqlalchemy.orm import scoped_session as sa_scoped_session
 from sqlalchemy.util import ThreadLocalRegistry
 
 import greenscope
-from greenscope import GreenletRegistry, _hot
+from greenscope import GreenletRegistry, _cleanup, _hot
 from greenscope._scoping import _KeyedByScopefunc
 
 SOURCE = Path(_hot.__file__).with_name("_hot.py")
@@ -263,3 +269,87 @@ def test_a_greenlet_whose_dict_is_a_dict_subclass_still_gets_its_session() -> No
     RawGreenlet(body).switch()
     assert seen == [True, True]
     assert registry.stats().live == greenscope.stats().live == 0
+
+
+def test_the_fallback_source_imports_with_the_stand_ins_alone() -> None:
+    """_hot.py imports as plain Python where Cython is not installed, whatever it uses."""
+    spec = importlib.util.spec_from_file_location("greenscope._hot_probe", SOURCE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.dict(sys.modules, {"cython": None}):  # import cython: ModuleNotFoundError
+        spec.loader.exec_module(module)
+    assert module.compiled is False
+    assert module.Counts().default_close is False
+    assert module.WatchTable.__slots__ == ("running", "sleep_until")
+
+
+def test_a_jobs_deadline_is_time_monotonic_plus_the_close_timeout_in_force() -> None:
+    """A job's deadline is on time.monotonic()'s clock and follows configure_cleanup()."""
+    left: list[float] = []
+
+    class Probe:
+        def __call__(self) -> None:
+            (deadline, _) = _cleanup._watchdog.running[self]
+            left.append(deadline - time.monotonic())
+
+        def cut(self) -> None:  # pragma: no cover - never cut: it returns at once
+            raise AssertionError("cut")
+
+    job = Probe()
+
+    previous = greenscope.configure_cleanup(close_timeout=3.0)
+    try:
+        for timeout in (3.0, 7.0):
+            greenscope.configure_cleanup(close_timeout=timeout)
+            _cleanup._pending.count += 1  # as submit() counts it; run_job uncounts it
+            assert _cleanup._run_job(job, lambda entry: False)
+            assert timeout - 1.0 < left[-1] <= timeout
+    finally:
+        greenscope.configure_cleanup(close_timeout=previous.close_timeout)
+    assert job not in _cleanup._watchdog.running
+
+
+def test_orphans_of_two_hubs_in_turn_are_each_closed_in_their_own_thread() -> None:
+    """The reaper found for one thread's hub is never handed another hub's orphans."""
+    closed_in: list[tuple[str, int]] = []
+
+    class Recording(Session):
+        def close(self) -> None:
+            if "owner" in self.info:
+                closed_in.append((self.info["owner"], threading.get_ident()))
+            super().close()
+
+    scoped = greenscope.scoped_session(sessionmaker(class_=Recording))
+    turn = {"a": threading.Event(), "b": threading.Event()}
+    idents: dict[str, int] = {}
+    failures: list[BaseException] = []
+
+    def orphan(name: str) -> None:
+        scoped().info["owner"] = name  # and end without remove()
+
+    def thread(name: str, other: str, rounds: int) -> None:
+        idents[name] = threading.get_ident()
+        try:
+            for _ in range(rounds):
+                assert turn[name].wait(10)
+                turn[name].clear()
+                gevent.spawn(orphan, name).join()
+                assert greenscope.wait_reaped(10)
+                turn[other].set()
+        except BaseException as e:  # reported below, in the test's own thread
+            failures.append(e)
+            turn[other].set()
+
+    threads = [
+        threading.Thread(target=thread, args=("a", "b", 2)),
+        threading.Thread(target=thread, args=("b", "a", 1)),
+    ]
+    for t in threads:
+        t.start()
+    turn["a"].set()
+    for t in threads:
+        t.join(30)
+    assert not failures
+    assert closed_in == [("a", idents["a"]), ("b", idents["b"]), ("a", idents["a"])]
+    assert scoped.registry.stats().reaped == 3  # type: ignore[attr-defined]

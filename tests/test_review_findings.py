@@ -398,7 +398,7 @@ def test_a_clear_racing_close_all_from_another_thread_counts_the_value_once() ->
     if _hot.compiled:
         pytest.skip("compiled, clear() is C code: no other thread runs between its steps")
     registry = greenscope.GreenletRegistry(Closable)
-    tracer, paused, resume = _pause_at(_hot._forget, "_live.remove(watch)")  # clear()'s body
+    tracer, paused, resume = _pause_at(_hot._forget, "_take_live(watch)")  # clear()'s body
 
     def owner() -> None:
         registry()
