@@ -57,6 +57,7 @@ import _thread
 import contextlib
 import logging
 import os
+import sys
 import time
 import weakref
 from collections import deque
@@ -192,10 +193,10 @@ def configure_cleanup(
     if max_concurrent_closes is not None:
         if isinstance(max_concurrent_closes, bool) or not isinstance(max_concurrent_closes, int):
             raise TypeError(f"max_concurrent_closes must be an int; got {max_concurrent_closes!r}")
-        if max_concurrent_closes < 1:
+        if not 1 <= max_concurrent_closes <= sys.maxsize:
             raise ValueError(
-                "greenscope.configure_cleanup(max_concurrent_closes=...) must be at least 1; "
-                f"got {max_concurrent_closes}"
+                "greenscope.configure_cleanup(max_concurrent_closes=...) must be at least 1 "
+                f"and at most sys.maxsize ({sys.maxsize}); got {max_concurrent_closes}"
             )
         new = replace(new, max_concurrent_closes=max_concurrent_closes)
     if orphan_warnings_per_minute is not None:
@@ -206,8 +207,9 @@ def configure_cleanup(
                 f">= 0; got {n!r}"
             )
         new = replace(new, orphan_warnings_per_minute=n)
-    previous, _settings = _settings, new
+    # The compiled copies first: if they refused a value, nothing has changed.
     _hot.bind_settings(new.close_timeout, new.max_concurrent_closes)
+    previous, _settings = _settings, new
     return previous
 
 
@@ -338,37 +340,48 @@ class _Watchdog(_hot.WatchTable):
     def _run(self) -> None:
         next_sweep = time.monotonic() + _SWEEP_INTERVAL
         while True:
-            now = _monotonic()
-            # Provisional, before the copy: a job listed after the copy reads this or
-            # the final value below, and wakes us if its deadline is earlier (start()).
-            self.sleep_until = earliest = next_sweep
-            due: list[tuple[Job, OnCut]] = []
-            # dict.copy() runs no Python code (jobs hash by identity): a consistent view.
-            for job, (deadline, on_cut) in self.running.copy().items():
-                if deadline > now:
-                    earliest = min(earliest, deadline)
-                elif self.running.pop(job, None) is not None:  # else it just finished
-                    due.append((job, on_cut))
-            self.sleep_until = earliest
-            for job, on_cut in due:
-                self._cut(job, on_cut)
-            _thread_reaper.staff()
-            if now >= next_sweep:
-                next_sweep = now + _SWEEP_INTERVAL
-                self._settle_destroyed()
-                for task in list(self.periodic):
-                    try:
-                        task()
-                    except Exception:  # pragma: no cover - defensive
-                        logger.exception("greenscope: a periodic cleanup task failed")
-            self.wake.acquire(timeout=max(0.0, earliest - time.monotonic()))
+            try:
+                next_sweep = self._turn(next_sweep)
+            except Exception:  # pragma: no cover - defensive (a failed thread start)
+                # Never end: every later hung close depends on this thread to be cut.
+                _log_exception("greenscope: the cleanup watchdog's turn failed")
+                self.wake.acquire(timeout=_SWEEP_INTERVAL)
+
+    def _turn(self, next_sweep: float) -> float:
+        """Cut what is due, run the periodic tasks if a sweep is due, then sleep until
+        the earliest deadline; return when the next sweep is due."""
+        now = _monotonic()
+        # Provisional, before the copy: a job listed after the copy reads this or
+        # the final value below, and wakes us if its deadline is earlier (start()).
+        self.sleep_until = earliest = next_sweep
+        due: list[tuple[Job, OnCut]] = []
+        # dict.copy() runs no Python code (jobs hash by identity): a consistent view.
+        for job, (deadline, on_cut) in self.running.copy().items():
+            if deadline > now:
+                earliest = min(earliest, deadline)
+            elif self.running.pop(job, None) is not None:  # else it just finished
+                due.append((job, on_cut))
+        self.sleep_until = earliest
+        for job, on_cut in due:
+            self._cut(job, on_cut)
+        _thread_reaper.staff()
+        if now >= next_sweep:
+            next_sweep = now + _SWEEP_INTERVAL
+            self._settle_destroyed()
+            for task in list(self.periodic):
+                try:
+                    task()
+                except Exception:
+                    _log_exception("greenscope: a periodic cleanup task failed")
+        self.wake.acquire(timeout=max(0.0, earliest - time.monotonic()))
+        return next_sweep
 
     @staticmethod
     def _cut(job: Job, on_cut: OnCut) -> None:
         try:
-            job.cut()
-        except Exception:  # pragma: no cover - defensive
-            logger.exception("greenscope: cutting a hung close failed")
+            job.cut()  # logs an ERROR: a log handler that raises lands here
+        except Exception:
+            _log_exception("greenscope: cutting a hung close failed")
         settles_later = False
         try:
             # True: the job will be interrupted where it runs (a hub), and the pending
@@ -377,9 +390,20 @@ class _Watchdog(_hot.WatchTable):
             # blocked in a driver call): nobody waits for it any more.
             settles_later = on_cut(job)
         except Exception:  # pragma: no cover - defensive
-            logger.exception("greenscope: releasing a hung close's slot failed")
+            _log_exception("greenscope: releasing a hung close's slot failed")
         if not settles_later:
             _pending.count -= 1
+
+
+def _log_exception(msg: str) -> None:
+    """``logger.exception(msg)``, which never raises.
+
+    For the cleanup threads and job greenlets: a log handler or filter that raises (a
+    log shipper down) must not end the watchdog, which every later hung close needs, nor
+    skip a job's bookkeeping. The line is lost then, as the handler lost it.
+    """
+    with contextlib.suppress(Exception):
+        logger.exception(msg)
 
 
 _SWEEP_INTERVAL = 1.0

@@ -651,8 +651,11 @@ def run_job(job, on_cut) -> cython.bint:  # type: ignore[no-untyped-def]
         job()
     except _close_deadline:
         pass  # cut in a hub: the job already logged and counted it
-    except BaseException:  # pragma: no cover - defensive
-        _logger.exception("greenscope: a cleanup job failed")
+    except BaseException:  # a log handler that raised in the job's own logging, say
+        try:  # noqa: SIM105 - plain C compiled, where a context manager is calls
+            _logger.exception("greenscope: a cleanup job failed")
+        except Exception:
+            pass  # the same handler again: the line is lost, the reaper must go on
     finally:
         # Started in the parent before fork() and resumed in a child: none of the
         # child's bookkeeping is this job's (see _cleanup._after_fork_in_child).

@@ -650,7 +650,7 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
 
     __slots__ = (
         "__weakref__",
-        "_close",
+        "_close_fn",
         "_counts",
         "_key",
         "request_scoped",
@@ -671,7 +671,7 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
             raise TypeError(f"GreenletRegistry(close=...) must be callable; got {close!r}")
         self.createfunc = createfunc
         self.scopefunc = getcurrent
-        self._close = close
+        self._close_fn = close
         self._key = f"greenscope:{next(_keys)}"
         # The counters (live: watches holding a value of this registry) and whether
         # close_all() shut greenscope down already: C fields, for greenscope._hot.
@@ -775,9 +775,16 @@ class GreenletRegistry(RegistryHit, ScopedRegistry[_T], Generic[_T]):
         self._check_open()
         self._create(obj)
 
+    @property
+    def _close(self) -> Callable[[_T], object]:
+        """The ``close=`` given at construction. Read-only: the cleanup jobs decide once,
+        at construction, whether it is greenscope's own (``Counts.default_close``), and
+        close such values inline."""
+        return self._close_fn
+
     def _close_one(self, value: _T, orphan: bool) -> None:
         """Close one value (``orphan``: its greenlet ended first). Raises what close raises."""
-        close_or_release(value, self._close)
+        close_or_release(value, self._close_fn)
 
     def _check_open(self) -> None:
         if self._counts.shut_down:

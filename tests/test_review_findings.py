@@ -1130,3 +1130,78 @@ def test_a_flask_session_used_while_its_container_closes_at_request_end_does_not
     threading.Thread(target=request, daemon=True).start()
     assert done.wait(10), "the store looped on the closing container"
     assert used == [True]
+
+
+def test_a_log_handler_that_raises_ends_no_cleanup_thread_or_job_greenlet() -> None:
+    """With a handler raising on every line, every later orphan is closed, every hung one cut."""
+    result = run_scenario(
+        """
+        import json, logging
+        import gevent, gevent.event
+        import greenscope
+
+        class Down(logging.Handler):
+            def emit(self, record):
+                raise OSError("log shipper down")
+
+        log = logging.getLogger("greenscope")
+        log.addHandler(Down())
+        log.propagate = False
+        greenscope.configure_cleanup(close_timeout=0.3)
+
+        class Value:
+            def __init__(self, hang):
+                self.hang, self.closed = hang, False
+            def close(self):
+                if self.hang:
+                    gevent.event.Event().wait()  # never set: cut at the deadline
+                self.closed = True
+
+        rounds = []
+        for hang in (True, True, False, False):
+            value = Value(hang)
+            registry = greenscope.GreenletRegistry(lambda: value)
+            gevent.spawn(registry).join()  # an orphan: its WARNING raises, a cut's ERROR too
+            reaped = greenscope.wait_reaped(5)
+            s = registry.stats()
+            rounds.append([reaped, s.reaped, s.timed_out, value.closed])
+        print(json.dumps(rounds))
+        """
+    )
+    assert result == [
+        [True, 1, 1, False],
+        [True, 1, 1, False],
+        [True, 1, 0, True],
+        [True, 1, 0, True],
+    ], result
+
+
+def test_configure_cleanup_refusing_a_value_changes_no_setting() -> None:
+    """A max_concurrent_closes beyond sys.maxsize is refused, and every setting stays as it was."""
+    before = _cleanup.settings()
+    with pytest.raises(
+        ValueError, match=r"max_concurrent_closes=\.\.\.\) must be at least 1 and at most"
+    ):
+        greenscope.configure_cleanup(close_timeout=0.25, max_concurrent_closes=2**63)
+    assert _cleanup.settings() == before
+    seen: list[float] = []
+
+    class Probe:
+        """A job that reports the deadline the watchdog gave it."""
+
+        def __call__(self) -> None:
+            seen.append(_cleanup._watchdog.running[self][0] - time.monotonic())
+
+        def cut(self) -> None:
+            pass
+
+    _cleanup._pending.count += 1
+    _cleanup._run_job(Probe(), lambda _: False)
+    assert before.close_timeout - 1 < seen[0] <= before.close_timeout
+
+
+def test_a_registrys_close_cannot_be_replaced_after_construction() -> None:
+    """Assigning registry._close raises, rather than being ignored by the compiled cleanup."""
+    registry = greenscope.GreenletRegistry(object)
+    with pytest.raises(AttributeError):
+        registry._close = lambda value: None  # type: ignore[misc]
