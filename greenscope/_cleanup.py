@@ -887,6 +887,7 @@ _hot.bind_cleanup(
     watchdog=_watchdog,
     monotonic=_monotonic,
     logger=logger,
+    log_exception=_log_exception,
 )
 _hot.bind_settings(_settings.close_timeout, _settings.max_concurrent_closes)
 

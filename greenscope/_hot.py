@@ -555,7 +555,7 @@ _watchdog = cython.declare(WatchTable, WatchTable())  # _cleanup._watchdog
 _close_timeout = cython.declare(cython.double, 10.0)
 _max_closes = cython.declare(cython.Py_ssize_t, 8)
 _monotonic = cython.declare(object, None)
-_logger = cython.declare(object, None)  # the greenscope logger
+_log_exception = cython.declare(object, None)  # _cleanup._log_exception: never raises
 _log_cache = cython.declare(object, None)  # its Logger._cache, where it has one (a dict)
 # (weakref to the last hub a watch was made in, its thread): hubs are per thread, so
 # while a greenlet's hub is that one, so is its thread. One object, read and written
@@ -612,12 +612,12 @@ def bind(  # type: ignore[no-untyped-def]
     _prepared, _debugging, _watch_key, _ordered = prepared, debugging, watch_key, ordered
 
 
-def bind_cleanup(*, pending, generation, watchdog, monotonic, logger):  # type: ignore[no-untyped-def]
+def bind_cleanup(*, pending, generation, watchdog, monotonic, logger, log_exception):  # type: ignore[no-untyped-def]
     """Hand this module what greenscope._cleanup's paths here need (once, at import)."""
-    global _pending, _generation, _watchdog, _monotonic, _logger
+    global _pending, _generation, _watchdog, _monotonic, _log_exception
     global _log_cache  # noqa: PLW0603 - bound once, at import
     _pending, _generation, _watchdog = pending, generation, watchdog
-    _monotonic, _logger = monotonic, logger
+    _monotonic, _log_exception = monotonic, log_exception
     cache = getattr(logger, "_cache", None)
     _log_cache = cache if type(cache) is dict else None
 
@@ -652,10 +652,7 @@ def run_job(job, on_cut) -> cython.bint:  # type: ignore[no-untyped-def]
     except _close_deadline:
         pass  # cut in a hub: the job already logged and counted it
     except BaseException:  # a log handler that raised in the job's own logging, say
-        try:  # noqa: SIM105 - plain C compiled, where a context manager is calls
-            _logger.exception("greenscope: a cleanup job failed")
-        except Exception:
-            pass  # the same handler again: the line is lost, the reaper must go on
+        _log_exception("greenscope: a cleanup job failed")  # the reaper must go on
     finally:
         # Started in the parent before fork() and resumed in a child: none of the
         # child's bookkeeping is this job's (see _cleanup._after_fork_in_child).

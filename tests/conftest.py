@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.pool import QueuePool
 
 import greenscope
-from greenscope import _registry
+from greenscope import _cleanup, _registry
 
 PG_URL_VAR = "GREENSCOPE_TEST_PG_URL"
 
@@ -152,3 +153,22 @@ def run_scenario(code: str, *, env: dict[str, str] | None = None, timeout: float
     lines = proc.stdout.strip().splitlines()
     assert lines, f"scenario printed nothing; stderr:\n{proc.stderr}"
     return json.loads(lines[-1])
+
+
+class ProbeJob:
+    """A cleanup job that notes, as it runs, how many seconds its deadline left it."""
+
+    def __init__(self) -> None:
+        self.left: list[float] = []
+
+    def __call__(self) -> None:
+        (deadline, _) = _cleanup._watchdog.running[self]
+        self.left.append(deadline - time.monotonic())
+
+    def cut(self) -> None:  # pragma: no cover - never cut: it returns at once
+        raise AssertionError("cut")
+
+    def run(self) -> bool:
+        """Run it under the watchdog, counted as submit() counts it; True if in time."""
+        _cleanup._pending.count += 1  # run_job uncounts it
+        return _cleanup._run_job(self, lambda entry: False)

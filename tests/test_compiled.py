@@ -8,7 +8,6 @@ import inspect
 import os
 import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -23,6 +22,8 @@ from sqlalchemy.util import ThreadLocalRegistry
 import greenscope
 from greenscope import GreenletRegistry, _cleanup, _hot
 from greenscope._scoping import _KeyedByScopefunc
+
+from conftest import ProbeJob
 
 SOURCE = Path(_hot.__file__).with_name("_hot.py")
 
@@ -286,25 +287,14 @@ def test_the_fallback_source_imports_with_the_stand_ins_alone() -> None:
 
 def test_a_jobs_deadline_is_time_monotonic_plus_the_close_timeout_in_force() -> None:
     """A job's deadline is on time.monotonic()'s clock and follows configure_cleanup()."""
-    left: list[float] = []
-
-    class Probe:
-        def __call__(self) -> None:
-            (deadline, _) = _cleanup._watchdog.running[self]
-            left.append(deadline - time.monotonic())
-
-        def cut(self) -> None:  # pragma: no cover - never cut: it returns at once
-            raise AssertionError("cut")
-
-    job = Probe()
+    job = ProbeJob()
 
     previous = greenscope.configure_cleanup(close_timeout=3.0)
     try:
         for timeout in (3.0, 7.0):
             greenscope.configure_cleanup(close_timeout=timeout)
-            _cleanup._pending.count += 1  # as submit() counts it; run_job uncounts it
-            assert _cleanup._run_job(job, lambda entry: False)
-            assert timeout - 1.0 < left[-1] <= timeout
+            assert job.run()
+            assert timeout - 1.0 < job.left[-1] <= timeout
     finally:
         greenscope.configure_cleanup(close_timeout=previous.close_timeout)
     assert job not in _cleanup._watchdog.running

@@ -17,7 +17,7 @@ import greenscope
 from greenscope import _cleanup
 from greenscope.wsgi import GreenscopeMiddleware
 
-from conftest import CountingEngine, pg_url, run_scenario
+from conftest import CountingEngine, ProbeJob, pg_url, run_scenario
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -1184,20 +1184,9 @@ def test_configure_cleanup_refusing_a_value_changes_no_setting() -> None:
     ):
         greenscope.configure_cleanup(close_timeout=0.25, max_concurrent_closes=2**63)
     assert _cleanup.settings() == before
-    seen: list[float] = []
-
-    class Probe:
-        """A job that reports the deadline the watchdog gave it."""
-
-        def __call__(self) -> None:
-            seen.append(_cleanup._watchdog.running[self][0] - time.monotonic())
-
-        def cut(self) -> None:
-            pass
-
-    _cleanup._pending.count += 1
-    _cleanup._run_job(Probe(), lambda _: False)
-    assert before.close_timeout - 1 < seen[0] <= before.close_timeout
+    job = ProbeJob()
+    job.run()
+    assert before.close_timeout - 1 < job.left[0] <= before.close_timeout
 
 
 def test_a_registrys_close_cannot_be_replaced_after_construction() -> None:
