@@ -56,6 +56,7 @@ import _socket
 import _thread
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -183,13 +184,15 @@ def configure_cleanup(
                 "greenscope.configure_cleanup(close_timeout=...) takes a number of seconds; "
                 f"got {close_timeout!r}"
             )
-        if not close_timeout > 0:
+        # NaN fails the comparison; an int too large for a float is as good as inf.
+        seconds = float(close_timeout) if close_timeout <= sys.float_info.max else math.inf
+        if not 0 < seconds < math.inf:
             raise ValueError(
-                "greenscope.configure_cleanup(close_timeout=...) must be more than 0 "
-                f"seconds; got {close_timeout!r}. A close with no deadline could hold its "
-                "pool slot forever."
+                "greenscope.configure_cleanup(close_timeout=...) must be a finite number "
+                f"of seconds, more than 0; got {close_timeout!r}. A close with no deadline "
+                "could hold its pool slot forever."
             )
-        new = replace(new, close_timeout=float(close_timeout))
+        new = replace(new, close_timeout=seconds)
     if max_concurrent_closes is not None:
         if isinstance(max_concurrent_closes, bool) or not isinstance(max_concurrent_closes, int):
             raise TypeError(f"max_concurrent_closes must be an int; got {max_concurrent_closes!r}")
@@ -342,8 +345,9 @@ class _Watchdog(_hot.WatchTable):
         while True:
             try:
                 next_sweep = self._turn(next_sweep)
-            except Exception:  # pragma: no cover - defensive (a failed thread start)
-                # Never end: every later hung close depends on this thread to be cut.
+            except BaseException:  # pragma: no cover - defensive
+                # Never end: every later hung close depends on this thread to be cut. A
+                # daemon thread gets no signals, so nothing here is the user's to see.
                 _log_exception("greenscope: the cleanup watchdog's turn failed")
                 self.wake.acquire(timeout=_SWEEP_INTERVAL)
 
@@ -371,38 +375,45 @@ class _Watchdog(_hot.WatchTable):
             for task in list(self.periodic):
                 try:
                     task()
-                except Exception:
+                except BaseException:
                     _log_exception("greenscope: a periodic cleanup task failed")
         self.wake.acquire(timeout=max(0.0, earliest - time.monotonic()))
         return next_sweep
 
     @staticmethod
     def _cut(job: Job, on_cut: OnCut) -> None:
-        try:
-            job.cut()  # logs an ERROR: a log handler that raises lands here
-        except Exception:
-            _log_exception("greenscope: cutting a hung close failed")
         settles_later = False
         try:
-            # True: the job will be interrupted where it runs (a hub), and the pending
-            # count drops once it has counted its failure, so that wait_idle() returning
-            # True means the counters are settled. False: it may never return (a thread
-            # blocked in a driver call): nobody waits for it any more.
-            settles_later = on_cut(job)
-        except Exception:  # pragma: no cover - defensive
-            _log_exception("greenscope: releasing a hung close's slot failed")
-        if not settles_later:
-            _pending.count -= 1
+            job.cut()  # logs an ERROR: a log handler that raises lands here
+        except BaseException:
+            _log_exception("greenscope: cutting a hung close failed")
+        finally:
+            try:
+                # True: the job will be interrupted where it runs (a hub), and the
+                # pending count drops once it has counted its failure, so that
+                # wait_idle() returning True means the counters are settled. False: it
+                # may never return (a thread blocked in a driver call): nobody waits
+                # for it any more.
+                settles_later = on_cut(job)
+            except BaseException:  # pragma: no cover - defensive
+                _log_exception("greenscope: releasing a hung close's slot failed")
+            finally:
+                if not settles_later:
+                    _pending.count -= 1
 
 
 def _log_exception(msg: str) -> None:
     """``logger.exception(msg)``, which never raises.
 
     For the cleanup threads and job greenlets: a log handler or filter that raises (a
-    log shipper down) must not end the watchdog, which every later hung close needs, nor
-    skip a job's bookkeeping. The line is lost then, as the handler lost it.
+    log shipper down; a ``gevent.Timeout`` around its send, a BaseException) must not
+    end the watchdog, which every later hung close needs, nor a reaper thread, nor skip
+    a job's bookkeeping, nor reach the hub or the application. Anything: the callers are
+    the last line of defence (``run_job``, the watchdog), and a ``CloseDeadline`` thrown
+    into a job while it logs is a cut the watchdog has already counted. The line is lost
+    then, as the handler lost it.
     """
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(BaseException):
         logger.exception(msg)
 
 
@@ -561,7 +572,9 @@ class _ThreadReaper:
             self._grow()
 
     def _grow(self) -> None:
-        """Start one more worker if below the limit. Ordinary code only (takes locks)."""
+        """Start one more worker if below the limit. Ordinary code only (takes locks).
+
+        Never raises: a reaper thread calls it holding a job it has dequeued."""
         with self.lock:
             limit = _settings.max_concurrent_closes
             if self.workers >= limit:
@@ -570,13 +583,20 @@ class _ThreadReaper:
             if not capped:
                 self.workers += 1
         if capped:
-            logger.error(
-                "greenscope: %d cleanup threads are stuck in closes that cannot be "
-                "interrupted; no more are started until one of them returns",
-                self.stuck,
-            )
+            with contextlib.suppress(BaseException):  # as _log_exception
+                logger.error(
+                    "greenscope: %d cleanup threads are stuck in closes that cannot be "
+                    "interrupted; no more are started until one of them returns",
+                    self.stuck,
+                )
             return
-        _start_new_thread(self._run, ())
+        try:
+            _start_new_thread(self._run, ())
+        except BaseException:  # can't start new thread (a pids limit): the slot is free
+            with self.lock:
+                self.workers -= 1
+            # The watchdog's staff() tries again on its next turn, while jobs wait.
+            _log_exception("greenscope: starting a cleanup thread failed")
 
     def submit(self, job: Job) -> None:
         self.queue.put(job)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import threading
 import time
 from collections.abc import Generator, Iterator
@@ -1194,3 +1195,174 @@ def test_a_registrys_close_cannot_be_replaced_after_construction() -> None:
     registry = greenscope.GreenletRegistry(object)
     with pytest.raises(AttributeError):
         registry._close = lambda value: None  # type: ignore[misc]
+
+
+_RAISING_HANDLER = """
+import json, logging, time
+import greenlet
+import greenscope
+from greenscope import _cleanup
+
+class Custom(BaseException):
+    pass
+
+def timeout():
+    import gevent
+    return gevent.Timeout(0.01)  # a handler's send under gevent.Timeout, expired
+
+EXC = {
+    "SystemExit": lambda: SystemExit(3),
+    "GreenletExit": greenlet.GreenletExit,
+    "Custom": Custom,
+    "gevent.Timeout": timeout,
+}[KIND]
+
+class Down(logging.Handler):
+    def emit(self, record):
+        raise EXC()
+
+log = logging.getLogger("greenscope")
+log.addHandler(Down())
+log.propagate = False
+greenscope.configure_cleanup(close_timeout=0.3)
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "where"),
+    [
+        ("SystemExit", "threads"),
+        ("Custom", "threads"),
+        ("SystemExit", "hub"),
+        ("GreenletExit", "hub"),
+        ("gevent.Timeout", "hub"),
+    ],
+)
+def test_a_log_handler_raising_a_base_exception_ends_no_cleanup_or_reaches_the_app(
+    kind: str, where: str
+) -> None:
+    """A handler raising SystemExit or gevent.Timeout: every orphan closed, every hang cut."""
+    if where == "threads":  # no gevent: the closes run in reaper threads
+        body = """
+        import threading
+
+        class Value:
+            def __init__(self, hang):
+                self.hang, self.closed = hang, False
+            def close(self):
+                time.sleep(self.hang)  # a thread cannot be interrupted: it returns late
+                self.closed = True
+
+        def orphan(registry):
+            t = threading.Thread(target=registry)
+            t.start()
+            t.join()
+        hangs, settle = (1.0, 1.0, 0, 0), 1.2
+        """
+    else:
+        body = """
+        import gevent, gevent.event
+
+        class Value:
+            def __init__(self, hang):
+                self.hang, self.closed = hang, False
+            def close(self):
+                if self.hang:
+                    gevent.event.Event().wait()  # never set: cut at the deadline
+                self.closed = True
+
+        def orphan(registry):
+            gevent.spawn(registry).join()
+        hangs, settle = (1, 1, 0, 0), 0
+        """
+    run = """
+        rounds = []
+        for hang in hangs:
+            value = Value(hang)
+            registry = greenscope.GreenletRegistry(lambda: value)
+            orphan(registry)  # its WARNING raises, and a cut's ERROR
+            reaped = greenscope.wait_reaped(5)
+            s = registry.stats()
+            rounds.append([reaped, s.reaped + s.removed, s.timed_out, value.closed])
+        time.sleep(settle)  # the hung threads return
+        print(json.dumps({"rounds": rounds, "pending": _cleanup.pending()}))
+        """
+    code = f"KIND = {kind!r}\n" + _RAISING_HANDLER + textwrap.dedent(body) + textwrap.dedent(run)
+    result = run_scenario(code)
+    closed = where == "hub"  # a cut hub close is interrupted; a thread's returns late
+    assert result["rounds"] == [
+        [True, int(closed), 1, False],
+        [True, int(closed), 1, False],
+        [True, 1, 0, True],
+        [True, 1, 0, True],
+    ], result
+    assert result["pending"] == 0, result
+
+
+def test_a_cleanup_thread_that_fails_to_start_leaves_its_slot_free() -> None:
+    """While threads cannot start, no slot is lost and no job: each later orphan is closed."""
+    result = run_scenario(
+        """
+        import json, logging, threading, time
+        import greenscope
+        from greenscope import _cleanup
+
+        logging.getLogger("greenscope").addHandler(logging.NullHandler())
+        logging.getLogger("greenscope").propagate = False
+        greenscope.configure_cleanup(close_timeout=30, max_concurrent_closes=8)  # > startup 1-3
+
+        class Value:
+            def __init__(self, hang):
+                self.hang, self.closed = hang, False
+            def close(self):
+                time.sleep(self.hang)
+                self.closed = True
+
+        def orphan(value):
+            registry = greenscope.GreenletRegistry(lambda: value)
+            t = threading.Thread(target=registry)
+            t.start()
+            t.join()
+
+        orphan(Value(0))
+        assert greenscope.wait_reaped(5)  # the watchdog and one reaper thread run
+        workers_before = _cleanup._thread_reaper.workers  # 1 to 3: startup races
+        real, failing = _cleanup._start_new_thread, [True]
+
+        def start(fn, args):
+            if failing[0] and getattr(fn, "__func__", None) is _cleanup._ThreadReaper._run:
+                raise RuntimeError("can't start new thread")
+            return real(fn, args)
+
+        _cleanup._start_new_thread = start
+        slow = [Value(0.5) for _ in range(workers_before)]
+        for v in slow:
+            orphan(v)  # occupy every reaper thread
+        while _cleanup._thread_reaper.idle:
+            time.sleep(0.005)
+        quick = [Value(0) for _ in range(3)]
+        for v in quick:
+            orphan(v)  # each asks for another thread, which fails to start
+        done_while_failing = greenscope.wait_reaped(5)
+        no_slot_lost = _cleanup._thread_reaper.workers == workers_before
+        failing[0] = False
+        slow2, quick2 = Value(2), Value(0)
+        orphan(slow2)
+        orphan(quick2)  # must get a thread of its own, not wait behind slow2
+        t0 = time.monotonic()
+        while not quick2.closed and time.monotonic() - t0 < 1.5:
+            time.sleep(0.01)
+        print(json.dumps([done_while_failing, no_slot_lost, quick2.closed,
+                          all(v.closed for v in quick + slow)]))
+        """
+    )
+    assert result == [True, True, True, True], result
+
+
+def test_configure_cleanup_refuses_a_close_timeout_that_is_no_deadline() -> None:
+    """close_timeout=inf, NaN or an int beyond a float is refused with ValueError, like 0."""
+    before = _cleanup.settings()
+    for value in (float("inf"), float("nan"), 10**400):
+        with pytest.raises(ValueError, match=r"must be a finite number of seconds, more than 0"):
+            greenscope.configure_cleanup(close_timeout=value)
+    assert _cleanup.settings() == before
