@@ -1366,3 +1366,57 @@ def test_configure_cleanup_refuses_a_close_timeout_that_is_no_deadline() -> None
         with pytest.raises(ValueError, match=r"must be a finite number of seconds, more than 0"):
             greenscope.configure_cleanup(close_timeout=value)
     assert _cleanup.settings() == before
+
+
+def test_a_cut_while_a_job_logs_its_failure_gives_its_slot_back_once() -> None:
+    """A cut landing inside a job's fallback log line stays in cleanup; its slot is freed once."""
+    result = run_scenario(
+        """
+        import json, logging
+        import gevent
+        import greenscope
+
+        class Flaky(logging.Handler):
+            # Refuses the orphan's WARNING, then reconnects (cooperatively) while
+            # logging the job's failure, past close_timeout: the cut lands in there.
+            def emit(self, record):
+                msg = record.getMessage()
+                if "left open by" in msg:
+                    raise OSError("connection refused")
+                if "a cleanup job failed" in msg:
+                    gevent.sleep(2)
+
+        handler = Flaky()
+        # The cut's own ERROR is not shipped: it would wait for the lock this job holds.
+        handler.addFilter(lambda record: "took longer" not in record.getMessage())
+        log = logging.getLogger("greenscope")
+        log.addHandler(handler)
+        log.propagate = False
+        greenscope.configure_cleanup(close_timeout=0.3)
+
+        class Value:
+            def close(self):
+                pass
+
+        hub = gevent.get_hub()
+        errors = []
+        handle_error = hub.handle_error
+
+        def noted(context, kind, value, tb):
+            errors.append(kind.__name__)
+            handle_error(context, kind, value, tb)
+
+        hub.handle_error = noted
+        registry = greenscope.GreenletRegistry(Value)
+        gevent.spawn(registry).join()
+        reaped = greenscope.wait_reaped(5)
+        reaper = hub.__dict__["_greenscope_reaper"]
+        with gevent.Timeout(5):
+            while reaper.running > 0:  # the interrupted job greenlet ends
+                gevent.sleep(0.01)
+        gevent.sleep(0)
+        s = registry.stats()
+        print(json.dumps([reaped, reaper.running, errors, s.reaped, s.timed_out]))
+        """
+    )
+    assert result == [True, 0, [], 1, 1], result
