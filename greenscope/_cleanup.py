@@ -188,9 +188,9 @@ def configure_cleanup(
         seconds = float(close_timeout) if close_timeout <= sys.float_info.max else math.inf
         if not 0 < seconds < math.inf:
             raise ValueError(
-                "greenscope.configure_cleanup(close_timeout=...) must be a finite number "
-                f"of seconds, more than 0; got {close_timeout!r}. A close with no deadline "
-                "could hold its pool slot forever."
+                "greenscope.configure_cleanup(close_timeout=...) must be more than 0 "
+                f"seconds, and finite; got {close_timeout!r}. A close with no deadline could "
+                "hold its pool slot forever."
             )
         new = replace(new, close_timeout=seconds)
     if max_concurrent_closes is not None:
